@@ -1,0 +1,167 @@
+"""Typed, validated configuration: a training run is a pure function of a `TrainConfig`.
+
+Sections are nested (no flat namespace where `train.lr` and `test.lr` could collide) and
+every field has the default from `shared/spec/method.md`. Unknown keys are errors, so a typo
+in a YAML file or a sweep override fails loudly instead of silently training the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the prepared (preprocessed) splits live and how samples are drawn from them."""
+
+    prepared_dir: Path
+    train_split: str = "train"
+    val_split: str = "val"
+    eval_splits: list[str] | None = None  # None: every split found in prepared_dir
+    blank_text: bool = False  # ablation: every expression replaced by the empty string
+    max_train_objects: int | None = Field(default=None, ge=1)
+    max_eval_expressions: int | None = Field(default=None, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+
+
+class ModelConfig(_Strict):
+    """The segmentation model (CRIS): a CLIP backbone plus neck, decoder and head.
+
+    Named configs live in `cmmasksd/model_configs/*.json` (see `cmmasksd.model.factory`).
+    """
+
+    clip: str = "RN50"  # any open_clip model name, including the tiny ones registered here
+    pretrained: str | None = None  # None, an open_clip tag ("openai"), or a checkpoint path
+    vit_layers: tuple[int, int, int] = (4, 8, 12)  # ViT blocks that give the three levels
+    neck_dim: int = Field(default=512, ge=8)
+    decoder_layers: int = Field(default=3, ge=1)
+    decoder_heads: int = Field(default=8, ge=1)
+    decoder_ffn: int = Field(default=2048, ge=8)
+    decoder_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    head_dim: int = Field(default=256, ge=8)  # channels of the stride-4 map
+    head_kernel: int = Field(default=3, ge=1)  # size of the per-sample text-to-pixel kernel
+
+    @model_validator(mode="after")
+    def _check_divisible(self) -> "ModelConfig":
+        if self.neck_dim % self.decoder_heads:
+            raise ValueError(
+                f"neck_dim ({self.neck_dim}) must be divisible by decoder_heads ({self.decoder_heads})"
+            )
+        if self.head_kernel % 2 == 0:
+            raise ValueError(f"head_kernel must be odd, got {self.head_kernel}")
+        return self
+
+
+class MaskSDConfig(_Strict):
+    """The two masked self-distillation branches; `branches: none` is the CRIS baseline."""
+
+    branches: Literal["none", "lmvsd", "vmlsd", "both"] = "both"
+    strategy: Literal["corr_top", "corr_bottom", "corr_sample", "random"] = "corr_top"
+    mask_ratio_v: float = Field(default=0.5, gt=0.0, lt=1.0)
+    mask_ratio_t: float = Field(default=0.3, gt=0.0, lt=1.0)
+    lambda_v: float = Field(default=1.0, ge=0.0)
+    lambda_t: float = Field(default=1.0, ge=0.0)
+    distill_loss: Literal["soft_bce", "mse", "kl"] = "soft_bce"
+    gt_on_masked: bool = False
+    weights: Literal["shared", "separate"] = "shared"
+    sample_temperature: float = Field(default=0.1, gt=0.0)  # for strategy corr_sample
+
+    @property
+    def use_lmvsd(self) -> bool:
+        return self.branches in ("lmvsd", "both")
+
+    @property
+    def use_vmlsd(self) -> bool:
+        return self.branches in ("vmlsd", "both")
+
+
+class OptimConfig(_Strict):
+    """The CRIS recipe by default: Adam 1e-4 (backbone 1e-5), 50 epochs, x0.1 at 35."""
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(default=1e-4, gt=0.0)
+    backbone_lr: float = Field(default=1e-5, ge=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    epochs: int = Field(default=50, ge=1)
+    milestones: list[int] = Field(default_factory=lambda: [35])
+    gamma: float = Field(default=0.1, gt=0.0)
+    batch_size: int = Field(default=64, ge=1)
+    grad_clip: float | None = Field(default=None, gt=0.0)
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        if v != sorted(v):
+            raise ValueError(f"milestones must be increasing, got {v}")
+        return v
+
+
+class TrainConfig(_Strict):
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    masksd: MaskSDConfig = Field(default_factory=MaskSDConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    threads: int | None = Field(default=None, ge=1)  # torch CPU threads
+    out_dir: Path = Path("runs/default")
+    eval_threshold: float = Field(default=0.35, gt=0.0, lt=1.0)  # CRIS's threshold
+    num_overlays: int = Field(default=4, ge=0)  # prediction overlays saved after training
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config; `model:` may name a registered model config or give fields inline.
+
+    `overrides` are dotted keys (``{"masksd.lambda_v": 0.5}``) applied after the file, which is
+    how sweeps and the CLI's ``--set`` change one value without copying a file.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return build_config(raw)
+
+
+def build_config(raw: dict[str, Any]) -> TrainConfig:
+    """Validate a plain dict; a string `model` is looked up among the registered model configs."""
+    raw = dict(raw)
+    model = raw.get("model")
+    if isinstance(model, dict) and "name" in model:
+        from cmmasksd.model.factory import get_model_config
+
+        named = get_model_config(model["name"]).model_dump()
+        named.update({k: v for k, v in model.items() if k != "name"})
+        raw["model"] = named
+    elif isinstance(model, str):
+        from cmmasksd.model.factory import get_model_config
+
+        raw["model"] = get_model_config(model).model_dump()
+    return TrainConfig.model_validate(raw)
+
+
+def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Set ``tree["a"]["b"] = value`` for ``"a.b"``, creating sections on the way."""
+    *parents, leaf = dotted_key.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif isinstance(child, str) and part == "model":  # a named model config, then a field
+            child = {"name": child}
+        node[part] = child
+        node = child
+    node[leaf] = value

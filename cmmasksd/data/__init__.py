@@ -1,0 +1,30 @@
+"""Data: the refer annotation layout, RefShapes, letterboxing, the prepared format, datasets."""
+
+from cmmasksd.data.dataset import RefSegDataset
+from cmmasksd.data.letterbox import LetterboxMeta, letterbox_image, letterbox_mask, unletterbox
+from cmmasksd.data.prepared import PreparedSplit, PrepareReport, clip_tokenizer, prepare_dataset, prepare_split
+from cmmasksd.data.refer import Refer, ReferFormatError, ReferObject, ReferSample
+from cmmasksd.data.refshapes import RefShapesConfig, generate_refshapes, refshapes_stats
+from cmmasksd.data.safe_pickle import UnsafePickleError, load_pickle
+
+__all__ = [
+    "LetterboxMeta",
+    "PrepareReport",
+    "PreparedSplit",
+    "RefSegDataset",
+    "RefShapesConfig",
+    "Refer",
+    "ReferFormatError",
+    "ReferObject",
+    "ReferSample",
+    "UnsafePickleError",
+    "clip_tokenizer",
+    "generate_refshapes",
+    "letterbox_image",
+    "letterbox_mask",
+    "load_pickle",
+    "prepare_dataset",
+    "prepare_split",
+    "refshapes_stats",
+    "unletterbox",
+]

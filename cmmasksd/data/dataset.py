@@ -1,0 +1,64 @@
+"""Torch view of a prepared split: one item per object (training) or per expression (evaluation).
+
+Training draws one of the object's expressions per epoch, as CRIS does. The draw depends only
+on (seed, epoch, index), so it is the same whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cmmasksd.data.prepared import PreparedSplit, clip_tokenizer
+
+
+class RefSegDataset(Dataset):
+    """Items: image uint8 [3,S,S], tokens long [word_len], mask float32 [1,S,S], sentence_idx, object_idx.
+
+    Images stay uint8 (the model normalises on the device). `blank_text` replaces every
+    expression by the empty string (the no-language ablation). `max_items` keeps the first N
+    items, for tiny test runs.
+    """
+
+    def __init__(self, split: PreparedSplit, train: bool, seed: int = 0, blank_text: bool = False,
+                 max_items: int | None = None):
+        self.split = split
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        n = split.n_objects if train else split.n_sentences
+        self._len = n if max_items is None else min(n, max_items)
+        self._blank = np.asarray(clip_tokenizer(split.word_len)([""])[0]) if blank_text else None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other expressions next epoch.
+
+        Call it before each epoch's iterator is created: workers copy the dataset when they
+        start, so `persistent_workers=True` would keep the first epoch's draws.
+        """
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        if not 0 <= index < self._len:
+            raise IndexError(f"index {index} out of range for {self._len} items")
+        if self.train:
+            obj_idx = index
+            sentences = self.split.sentences_of(obj_idx)
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            sent_idx = sentences[int(rng.integers(len(sentences)))]
+        else:
+            sent_idx = index
+            obj_idx = int(self.split.sentence_object[sent_idx])
+        tokens = self._blank if self._blank is not None else self.split.tokens(sent_idx)
+        image = self.split.image(int(self.split.object_image[obj_idx]))
+        return {
+            "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
+            "tokens": torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
+            "mask": torch.from_numpy(self.split.mask(obj_idx)).float()[None],
+            "sentence_idx": sent_idx,
+            "object_idx": obj_idx,
+        }

@@ -1,0 +1,103 @@
+"""Named model configs and the one way to build a model: `create_model(name_or_config, masksd)`.
+
+As in open_clip, architectures are JSON files found by name: `cmmasksd/model_configs/*.json`
+hold `ModelConfig`s, and `cmmasksd/model_configs/clip/*.json` hold the tiny CLIP
+architectures (registered with open_clip on import, so `open_clip.create_model("tiny-rn")`
+and `open_clip.get_tokenizer("tiny-rn")` work too).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.model import CLIP
+
+from cmmasksd.config import MaskSDConfig, ModelConfig
+from cmmasksd.model.backbone import ClipBackbone
+from cmmasksd.model.cris import CRIS
+from cmmasksd.model.masksd import CMMaskSD
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+CLIP_CONFIG_DIR = CONFIG_DIR / "clip"
+
+open_clip.add_model_config(CLIP_CONFIG_DIR)
+
+
+def list_models() -> list[str]:
+    """Names of the shipped model configs (e.g. `cris-rn101`, `cris-tiny-rn`)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def get_model_config(name: str) -> ModelConfig:
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown model config {name!r}; available: {', '.join(list_models())}")
+    return ModelConfig.model_validate(json.loads(path.read_text()))
+
+
+def load_clip_weights(clip: CLIP, path: str | Path) -> None:
+    """Load a local state dict (raw, or under "state_dict", keys maybe prefixed "module.") strictly."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = clip.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing backbone keys {result.missing_keys}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys {result.unexpected_keys}")
+    if problems:
+        raise ValueError(f"{path}: not a checkpoint of this CLIP architecture: " + "; ".join(problems))
+
+
+def create_clip(name: str, pretrained: str | None = None) -> CLIP:
+    """An open_clip model: random init (None), a local checkpoint file, or an open_clip tag ("openai")."""
+    if pretrained is None or Path(pretrained).is_file():
+        clip = open_clip.create_model(name)
+        if pretrained is not None:
+            load_clip_weights(clip, pretrained)
+        return clip
+    return open_clip.create_model(name, pretrained=pretrained)
+
+
+def create_cris(model_cfg: ModelConfig, with_mask_tokens: bool = False) -> CRIS:
+    backbone = ClipBackbone(create_clip(model_cfg.clip, model_cfg.pretrained), model_cfg.vit_layers, with_mask_tokens)
+    return CRIS(backbone, model_cfg)
+
+
+def create_model(model_cfg: ModelConfig | str, masksd_cfg: MaskSDConfig | None = None) -> CMMaskSD:
+    """CRIS from a named or inline config, wrapped with the masked self-distillation branches.
+
+    `masksd_cfg` defaults to the method's defaults (both branches); `branches: none` gives the
+    CRIS baseline, with no mask tokens.
+    """
+    if isinstance(model_cfg, str):
+        model_cfg = get_model_config(model_cfg)
+    masksd_cfg = masksd_cfg or MaskSDConfig()
+    return CMMaskSD(create_cris(model_cfg, with_mask_tokens=masksd_cfg.branches != "none"), masksd_cfg)
+
+
+def parameter_report(model_cfg: ModelConfig | str, masksd_cfg: MaskSDConfig | None = None) -> dict:
+    """Parameters of the CRIS baseline vs CM-MaskSD (random init: nothing is downloaded).
+
+    With shared weights the extra parameters are exactly the mask tokens.
+    """
+    if isinstance(model_cfg, str):
+        model_cfg = get_model_config(model_cfg)
+    model_cfg = model_cfg.model_copy(update={"pretrained": None})
+    baseline = dict(create_model(model_cfg, MaskSDConfig(branches="none")).named_parameters())
+    method = dict(create_model(model_cfg, masksd_cfg or MaskSDConfig()).named_parameters())
+    return {
+        "baseline": _count(baseline),
+        "cmmasksd": _count(method),
+        "extra": _count(method) - _count(baseline),
+        "extra_names": sorted(set(method) - set(baseline)),
+    }
+
+
+def _count(params: dict[str, torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params.values())

@@ -1,0 +1,146 @@
+"""CM-MaskSD: CRIS plus two masked self-distillation branches that run only in training.
+
+Main: P = f(I, T), L_seg = BCE(P, GT).
+LMVSD: mask the image patches chosen (by `strategy`) from their CLIP similarity to the
+sentence; L_v = D(f(I_masked, T), stopgrad(P)).
+VMLSD: mask the words chosen from their CLIP similarity to the image's global feature;
+L_t = D(f(I, T_masked), stopgrad(P)).
+L = L_seg + lambda_v * L_v + lambda_t * L_t (+ BCE against GT on a masked branch with
+`gt_on_masked`, unweighted). The masks are scored on the clean pass's features, and with
+shared weights a masked branch reuses the clean features of the modality it leaves intact.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmmasksd.config import MaskSDConfig
+from cmmasksd.losses import distill_loss, seg_loss
+from cmmasksd.model.backbone import TextFeatures, VisualFeatures
+from cmmasksd.model.cris import CRIS
+
+
+def select_masked(scores: torch.Tensor, k: torch.Tensor, strategy: str, temperature: float,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick k[i] of the valid entries of row i of a B x N score matrix; True = picked.
+
+    corr_top: highest scores; corr_bottom: lowest; corr_sample: sampled without replacement
+    with probabilities softmax(score / temperature) (Gumbel top-k); random: uniformly.
+    """
+    if strategy == "corr_top":
+        keys = scores
+    elif strategy == "corr_bottom":
+        keys = -scores
+    elif strategy == "corr_sample":
+        keys = scores / temperature - torch.empty_like(scores).exponential_().log()
+    elif strategy == "random":
+        keys = torch.rand_like(scores)
+    else:
+        raise ValueError(f"unknown masking strategy {strategy!r}")
+    if valid is not None:
+        keys = keys.masked_fill(~valid, float("-inf"))
+    order = keys.argsort(dim=1, descending=True)
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
+    picked = ranks < k[:, None]
+    return picked if valid is None else picked & valid
+
+
+def real_word_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """B x L, True at the expression's words: not SOT (first), not EOT (the argmax token), not padding."""
+    real = tokens != 0
+    real[:, 0] = False
+    real[torch.arange(tokens.shape[0], device=tokens.device), tokens.argmax(dim=-1)] = False
+    return real
+
+
+def mask_count(ratio: float, n: torch.Tensor) -> torch.Tensor:
+    """max(1, round(ratio * n)) per sample (half to even), and 0 where there is nothing to mask."""
+    k = torch.round(ratio * n.float()).long().clamp(min=1)
+    return torch.where(n > 0, k, torch.zeros_like(k))
+
+
+class CMMaskSD(nn.Module):
+    """`forward` is the main branch alone (inference costs what CRIS costs); `training_loss` adds the branches."""
+
+    def __init__(self, seg: CRIS, cfg: MaskSDConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.seg = seg
+        # Ablation of weight sharing: the masked branches get their own copy, same initialisation.
+        self.student = copy.deepcopy(seg) if cfg.weights == "separate" and cfg.branches != "none" else None
+
+    @property
+    def masked_net(self) -> CRIS:
+        return self.seg if self.student is None else self.student
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.seg(images, tokens)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(CLIP weights, everything else) over the main network and, if separate, the student."""
+        nets = [self.seg] if self.student is None else [self.seg, self.student]
+        groups = [net.param_groups() for net in nets]
+        return [p for g in groups for p in g[0]], [p for g in groups for p in g[1]]
+
+    def _runs(self, enabled: bool, weight: float) -> bool:
+        return self.training and enabled and (weight > 0 or self.cfg.gt_on_masked)
+
+    def training_loss(self, images: torch.Tensor, tokens: torch.Tensor,
+                      gt_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and its parts {seg, lmvsd, vmlsd} (each as added to the total; 0 when off).
+
+        In eval mode only the main branch runs, so this is the validation loss of the main branch.
+        """
+        cfg = self.cfg
+        vis = self.seg.encode_image(images)
+        txt = self.seg.encode_text(tokens)
+        logits = self.seg.decode(vis, txt)
+        parts = {"seg": seg_loss(logits, gt_mask)}
+        if self._runs(cfg.use_lmvsd, cfg.lambda_v):
+            parts["lmvsd"] = self._branch_loss(self._lmvsd_logits(images, tokens, vis, txt), logits, gt_mask,
+                                               cfg.lambda_v)
+        if self._runs(cfg.use_vmlsd, cfg.lambda_t):
+            parts["vmlsd"] = self._branch_loss(self._vmlsd_logits(images, tokens, vis, txt), logits, gt_mask,
+                                               cfg.lambda_t)
+        total = sum(parts.values())
+        report = {"seg": 0.0, "lmvsd": 0.0, "vmlsd": 0.0} | {k: float(v.detach()) for k, v in parts.items()}
+        return total, report
+
+    def _branch_loss(self, branch_logits, main_logits, gt_mask, weight: float) -> torch.Tensor:
+        loss = weight * distill_loss(branch_logits, main_logits, self.cfg.distill_loss)
+        return loss + seg_loss(branch_logits, gt_mask) if self.cfg.gt_on_masked else loss
+
+    def patch_mask(self, vis: VisualFeatures, txt: TextFeatures) -> torch.Tensor:
+        """B x gh x gw patches to mask for LMVSD, scored by patch-sentence similarity in CLIP's joint space."""
+        with torch.no_grad():
+            patches = vis.joint.flatten(2).transpose(1, 2).float()  # B x N x E
+            scores = F.cosine_similarity(patches, txt.sentence.float()[:, None], dim=-1)
+            b, n = scores.shape
+            k = mask_count(self.cfg.mask_ratio_v, torch.full((b,), n, device=scores.device))
+            picked = select_masked(scores, k, self.cfg.strategy, self.cfg.sample_temperature)
+        return picked.view(b, *vis.grid)
+
+    def word_mask(self, vis: VisualFeatures, txt: TextFeatures, tokens: torch.Tensor) -> torch.Tensor:
+        """B x L words to mask for VMLSD, scored by word-image similarity (image = mean joint patch feature)."""
+        with torch.no_grad():
+            words = self.seg.backbone.project_words(txt.words).float()  # B x L x E
+            image = vis.joint.float().mean(dim=(2, 3))
+            scores = F.cosine_similarity(words, image[:, None], dim=-1)
+            real = real_word_mask(tokens)
+            k = mask_count(self.cfg.mask_ratio_t, real.sum(dim=1))
+            return select_masked(scores, k, self.cfg.strategy, self.cfg.sample_temperature, valid=real)
+
+    def _lmvsd_logits(self, images, tokens, vis: VisualFeatures, txt: TextFeatures) -> torch.Tensor:
+        net = self.masked_net
+        masked_vis = net.encode_image(images, self.patch_mask(vis, txt))
+        return net.decode(masked_vis, txt if net is self.seg else net.encode_text(tokens))
+
+    def _vmlsd_logits(self, images, tokens, vis: VisualFeatures, txt: TextFeatures) -> torch.Tensor:
+        net = self.masked_net
+        masked_txt = net.encode_text(tokens, self.word_mask(vis, txt, tokens))
+        return net.decode(vis if net is self.seg else net.encode_image(images), masked_txt)

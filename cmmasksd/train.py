@@ -1,0 +1,263 @@
+"""`train(config) -> TrainResult`: data, model, optimizer, loop, eval, checkpoint, top to bottom.
+
+The run is a pure function of the config: the data order of epoch e depends only on
+(seed, e), and the checkpoint written after every epoch holds everything else (weights,
+optimizer, schedule, RNG), so a run interrupted and restarted with the same `out_dir` ends
+with the same weights as one that never stopped. Tracking systems stay outside: callers
+pass `on_epoch` (Ray Tune and MLflow do, in `pipeline/`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from cmmasksd.config import TrainConfig
+from cmmasksd.data import PreparedSplit, RefSegDataset
+from cmmasksd.evaluate import SplitEvaluation, evaluate_split
+from cmmasksd.model import CMMaskSD, create_model, parameter_report
+from cmmasksd.visualize import save_learning_curves, save_prediction_overlays
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+# Fields that do not change what is computed; a resumed run may differ in them.
+_RUNTIME_FIELDS = {"out_dir", "device", "threads", "num_overlays"}
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # number of finished epochs (1-based)
+    metrics: dict[str, float]  # train/*, val/*, lr, epoch_time_s, step_time_s
+    checkpoint_dir: Path  # holds last.pt: everything needed to resume
+    is_best: bool
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_epoch: int
+    best_val_miou: float
+    history: list[dict[str, float]]
+    final: dict[str, dict[str, float]]  # split -> metric name -> value
+    per_expression: dict[str, Path]  # split -> CSV of per-expression IoUs
+    cost: dict[str, float]  # step_time_s, peak_mem_mb, params_*
+    checkpoint: Path  # best weights (selected on val)
+    figures: list[Path] = field(default_factory=list)
+
+    def flat_metrics(self) -> dict[str, float]:
+        """`<split>/<metric>` for every final split, plus the cost figures."""
+        flat = {f"{split}/{k}": v for split, ms in self.final.items() for k, v in ms.items()}
+        flat.update({f"cost/{k}": v for k, v in self.cost.items()})
+        flat["best_epoch"] = float(self.best_epoch)
+        return flat
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def open_splits(config: TrainConfig) -> dict[str, PreparedSplit]:
+    """Every prepared split under `data.prepared_dir` (a split is complete when its manifest exists)."""
+    root = Path(config.data.prepared_dir)
+    names = sorted(p.parent.name for p in root.glob("*/manifest.json"))
+    if not names:
+        raise FileNotFoundError(f"{root}: no prepared split (expected <split>/manifest.json); run `cmmasksd prepare`")
+    needed = {config.data.train_split, config.data.val_split, *(config.data.eval_splits or [])}
+    missing = sorted(needed - set(names))
+    if missing:
+        raise FileNotFoundError(f"{root}: missing prepared split(s) {missing}; found {names}")
+    return {name: PreparedSplit(root / name) for name in names}
+
+
+def build_optimizer(model: CMMaskSD, config: TrainConfig) -> torch.optim.Optimizer:
+    """Two groups: the CLIP towers at `backbone_lr`, everything new (neck, decoder, head, mask tokens) at `lr`."""
+    opt = config.optim
+    backbone, rest = model.param_groups()
+    groups = [{"params": backbone, "lr": opt.backbone_lr}, {"params": rest, "lr": opt.lr}]
+    groups = [g for g in groups if g["params"]]
+    cls = torch.optim.AdamW if opt.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, weight_decay=opt.weight_decay)
+
+
+def run_fingerprint(config: TrainConfig) -> dict:
+    """The config minus runtime-only fields: a checkpoint resumes only a run with the same one."""
+    dumped = config.model_dump(mode="json", exclude=_RUNTIME_FIELDS)
+    dumped["data"].pop("num_workers", None)
+    return dumped
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    """Write to a temp file then rename, so a crash mid-save never leaves a corrupt checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = None) -> TrainResult:
+    """Train, select on val, evaluate every split; resumes from `out_dir/checkpoints/last.pt`."""
+    out_dir = Path(config.out_dir)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+
+    # data
+    splits = open_splits(config)
+    train_split, val_split = splits[config.data.train_split], splits[config.data.val_split]
+    train_set = RefSegDataset(
+        train_split, train=True, seed=config.seed, blank_text=config.data.blank_text,
+        max_items=config.data.max_train_objects,
+    )
+    info = {"input_size": train_split.size, "word_len": train_split.word_len}
+
+    # model, optimizer, schedule
+    model = create_model(config.model, config.masksd).to(device)
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.optim.milestones, config.optim.gamma)
+    amp = config.optim.amp and device.type == "cuda"
+
+    # resume
+    start_epoch, history, best_val, best_epoch = 0, [], -1.0, 0
+    last_path = ckpt_dir / LAST
+    if last_path.exists():
+        state = torch.load(last_path, map_location=device, weights_only=True)
+        if state["fingerprint"] != run_fingerprint(config):
+            raise ValueError(f"{last_path}: holds a run with a different config; use another out_dir")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
+        start_epoch, history = state["epoch"], state["history"]
+        best_val, best_epoch = state["best_val"], state["best_epoch"]
+        log.info("resumed %s at epoch %d", out_dir, start_epoch)
+
+    step_times: list[float] = []
+    epochs = tqdm(range(start_epoch, config.optim.epochs), desc="train", initial=start_epoch,
+                  total=config.optim.epochs, disable=None)
+    for epoch in epochs:
+        model.train()
+        train_set.set_epoch(epoch)
+        loader = DataLoader(
+            train_set, batch_size=config.optim.batch_size, shuffle=True, drop_last=len(train_set) > config.optim.batch_size,
+            num_workers=config.data.num_workers, generator=torch.Generator().manual_seed(config.seed * 10_007 + epoch),
+            pin_memory=device.type == "cuda", persistent_workers=False,
+        )
+        sums: dict[str, float] = {}
+        epoch_start = time.perf_counter()
+        for batch in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
+            step_start = time.perf_counter()
+            images = batch["image"].to(device, non_blocking=True)
+            tokens = batch["tokens"].to(device, non_blocking=True)
+            masks = batch["mask"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss, parts = model.training_loss(images, tokens, masks)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append(time.perf_counter() - step_start)
+            for key, value in {"loss": float(loss.detach()), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value
+        n_steps = max(len(loader), 1)
+        lr = optimizer.param_groups[-1]["lr"]
+        scheduler.step()
+
+        val = evaluate_split(
+            model, val_split, device=device, batch_size=config.optim.batch_size,
+            threshold=config.eval_threshold, max_items=config.data.max_eval_expressions,
+            blank_text=config.data.blank_text,
+        )
+        metrics = {f"train/{k}": v / n_steps for k, v in sums.items()}
+        metrics.update({f"val/{k}": v for k, v in val.metrics.items()})
+        metrics.update(lr=lr, epoch_time_s=time.perf_counter() - epoch_start,
+                       step_time_s=sum(step_times[-n_steps:]) / n_steps)
+        history.append({"epoch": epoch + 1, **metrics})
+        is_best = val.metrics["miou"] > best_val
+        if is_best:
+            best_val, best_epoch = val.metrics["miou"], epoch + 1
+            _save_atomic({"model": model.state_dict(), "info": info,
+                          "config": config.model_dump(mode="json"), "epoch": epoch + 1}, ckpt_dir / BEST)
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "epoch": epoch + 1, "history": history, "best_val": best_val, "best_epoch": best_epoch,
+            "fingerprint": run_fingerprint(config), "info": info,
+        }
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(device)
+        _save_atomic(state, last_path)
+        epochs.set_postfix(loss=f"{metrics['train/loss']:.3f}", val_miou=f"{val.metrics['miou']:.3f}")
+        log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+        if on_epoch is not None:
+            on_epoch(EpochReport(epoch + 1, metrics, ckpt_dir, is_best))
+
+    return _finish(config, model, splits, history, best_epoch, best_val, step_times, device)
+
+
+def _finish(config, model, splits, history, best_epoch, best_val, step_times, device) -> TrainResult:
+    """Reload the val-selected weights, evaluate every split, write tables, figures and results.json."""
+    out_dir = Path(config.out_dir)
+    best_path = out_dir / CHECKPOINT_DIR / BEST
+    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+    eval_names = config.data.eval_splits or [n for n in splits if n != config.data.train_split]
+    final: dict[str, dict[str, float]] = {}
+    tables: dict[str, Path] = {}
+    evaluations: dict[str, SplitEvaluation] = {}
+    for name in eval_names:
+        evaluation = evaluate_split(
+            model, splits[name], device=device, batch_size=config.optim.batch_size,
+            threshold=config.eval_threshold, max_items=config.data.max_eval_expressions,
+            blank_text=config.data.blank_text, progress=True,
+        )
+        evaluations[name] = evaluation
+        final[name] = evaluation.metrics
+        tables[name] = out_dir / f"per_expression_{name}.csv"
+        evaluation.per_expression.to_csv(tables[name], index=False)
+
+    params = parameter_report(config.model)
+    cost = {
+        "step_time_s": (sum(step_times) / len(step_times)) if step_times else float("nan"),
+        "peak_mem_mb": _peak_memory_mb(device),
+        "params_total": float(sum(p.numel() for p in model.parameters())),
+        "params_baseline": float(params["baseline"]),
+        "params_extra": float(params["extra"]),
+    }
+    figures = [save_learning_curves(history, out_dir / "learning_curves.png")]
+    val_name = config.data.val_split
+    if config.num_overlays and val_name in evaluations:
+        figures.append(save_prediction_overlays(
+            model, splits[val_name], evaluations[val_name].per_expression, out_dir / "overlays_val.png",
+            device=device, count=config.num_overlays, threshold=config.eval_threshold,
+            blank_text=config.data.blank_text,
+        ))
+    result = TrainResult(out_dir, best_epoch, best_val, history, final, tables, cost, best_path, figures)
+    (out_dir / "results.json").write_text(json.dumps(asdict(result), indent=2, default=str))
+    return result

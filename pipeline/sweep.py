@@ -1,0 +1,284 @@
+"""DVC stage `sweep`: a Ray Tune grid over CM-MaskSD variants x seeds, each trial tracked in MLflow.
+
+    python -m pipeline.sweep            (what `dvc repro` runs)
+
+The grid comes from `params.yaml` (`sweep.variants` x `sweep.seeds`, plus the CRIS baseline).
+Every trial checkpoints each epoch through Tune; a failed trial is retried from its last
+checkpoint (`sweep.max_failures`), and rerunning an interrupted sweep restores it
+(`Tuner.restore`) so finished trials are not trained again. Ray's storage lives outside the DVC
+outputs (`ray.storage`); the stage writes `sweep/trials.csv`, `sweep/sweep.json` (the MLflow
+parent run) and `sweep/best_config.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from pipeline.common import REPO_ROOT, load_params, repo_path, section, setup_logging
+from pipeline.tracking import (
+    TrialRun,
+    ensure_experiment,
+    git_commit,
+    resolve_tracking_uri,
+    start_sweep_run,
+)
+
+log = logging.getLogger(__name__)
+BASELINE = {"masksd.branches": "none"}
+OUT_DIR = Path("sweep")
+METRIC = "val/miou"
+
+
+def variant_name(overrides: dict[str, Any]) -> str:
+    """A short readable name: `both r_v=0.25 r_t=0.15`; the baseline is `cris`."""
+    if overrides.get("masksd.branches") == "none":
+        return "cris"
+    parts = [str(overrides.get("masksd.branches", "both"))]
+    short = {"masksd.mask_ratio_v": "r_v", "masksd.mask_ratio_t": "r_t", "masksd.lambda_v": "l_v",
+             "masksd.lambda_t": "l_t"}
+    for key, value in overrides.items():
+        if key != "masksd.branches":
+            parts.append(f"{short.get(key, key.removeprefix('masksd.'))}={value}")
+    return " ".join(parts)
+
+
+def expand_grid(sweep: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trials: (baseline + variants) x seeds; each a dict of dotted overrides plus its name."""
+    variants = [BASELINE] + [dict(v) for v in sweep.get("variants") or [] if dict(v) != BASELINE]
+    return [
+        {"name": variant_name(v), "overrides": {**v, "seed": int(seed)}}
+        for v in variants
+        for seed in sweep.get("seeds") or [0]
+    ]
+
+
+def sweep_fingerprint(params: dict[str, Any], data_hash: str) -> str:
+    """Hash of what defines the trials (base config, grid, data): a change starts a new Ray experiment,
+    an unchanged sweep resumes the old one."""
+    sweep = {k: v for k, v in params["sweep"].items() if k != "max_concurrent"}
+    keys = {"train": params.get("train"), "sweep": sweep, "data": data_hash}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def trial_config(base: dict[str, Any], overrides: dict[str, Any], prepared_dir: Path, out_dir: Path,
+                 threads: int) -> dict[str, Any]:
+    from cmmasksd.config import set_dotted
+
+    raw = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
+    raw.setdefault("data", {})["prepared_dir"] = str(prepared_dir)
+    raw["out_dir"] = str(out_dir)
+    raw.setdefault("threads", threads)
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    return raw
+
+
+def run_trial(spec: dict[str, Any]) -> None:
+    """Ray Tune trainable: one training run, resumed from Tune's checkpoint after a failure."""
+    from ray import tune
+
+    from cmmasksd.config import build_config
+    from cmmasksd.train import CHECKPOINT_DIR, train
+
+    context = tune.get_context()
+    trial_id = context.get_trial_id()
+    out_dir = Path(context.get_trial_dir()) / "run"
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # Tune's checkpoint, not local leftovers, is the truth
+    ckpt_dir.mkdir(parents=True)
+    resumed_epoch = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as restored:
+            for file in Path(restored).glob("*.pt"):
+                shutil.copy2(file, ckpt_dir / file.name)
+        resumed_epoch = int(json.loads((ckpt_dir / "epoch.json").read_text())["epoch"]) \
+            if (ckpt_dir / "epoch.json").exists() else -1
+
+    config = build_config(trial_config(spec["base"], spec["trial"]["overrides"], Path(spec["prepared_dir"]),
+                                       out_dir, spec["threads"]))
+    run = TrialRun(spec["tracking_uri"], spec["experiment_id"], spec["parent_run_id"], trial_id,
+                   spec["trial"]["name"])
+    run.log_config(config.model_dump(mode="json"))
+    if checkpoint is not None:
+        run.client.set_tag(run.run_id, "cmmasksd.resumed_from_epoch", str(resumed_epoch))
+
+    def on_epoch(report) -> None:
+        run.log_epoch(report.metrics, report.epoch)
+        (report.checkpoint_dir / "epoch.json").write_text(json.dumps({"epoch": report.epoch}))
+        tune.report({**report.metrics, "epoch": report.epoch},
+                    checkpoint=tune.Checkpoint.from_directory(str(report.checkpoint_dir)))
+
+    try:
+        result = train(config, on_epoch=on_epoch)
+    except BaseException:
+        run.finish(ok=False)
+        raise
+    final = {k.replace("/", "/", 1): v for k, v in result.flat_metrics().items()}
+    final = {(f"final/{k}" if not k.startswith(("cost/", "best_epoch")) else k): v for k, v in final.items()}
+    run.log_final(
+        final,
+        artifacts={
+            "per_expression": list(result.per_expression.values()),
+            "figures": result.figures,
+            "": [result.out_dir / "results.json"],
+        },
+        tags={"checkpoint_path": str(result.checkpoint)},
+    )
+    run.finish(ok=True)
+    tune.report({**final, "epoch": config.optim.epochs, "mlflow_run_id": run.run_id, "done": True})
+
+
+def init_ray(address: str | None) -> None:
+    """A local Ray (default) or an existing cluster; trials import `pipeline` from this repo."""
+    import ray
+
+    # Ray >= 2.59 turns token auth on for local clusters; keep that default explicit and let a
+    # user's own setting (a cluster started with RAY_AUTH_MODE=token and a token) win.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env)
+
+
+def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], params: dict[str, Any], exp_name: str,
+                storage: Path):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    sweep = section(params, "sweep")
+    resources = {"cpu": float(sweep["resources"].get("cpu", 1)), "gpu": float(sweep["resources"].get("gpu", 0))}
+    trainable = tune.with_resources(run_trial, resources)
+    scheduler = None
+    asha = sweep.get("asha") or {}
+    if asha.get("enabled"):
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(section(params, "train", "optim", "epochs")),
+                                  grace_period=int(asha.get("grace_period", 1)),
+                                  reduction_factor=float(asha.get("reduction_factor", 2)))
+    return tune.Tuner(
+        trainable,
+        param_space={**spec_base, "trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
+                                    max_concurrent_trials=int(sweep.get("max_concurrent", 1))),
+        run_config=tune.RunConfig(
+            name=exp_name,
+            storage_path=str(storage),
+            failure_config=tune.FailureConfig(max_failures=int(sweep.get("max_failures", 0))),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        ),
+    )
+
+
+def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
+    """Start or resume the sweep; returns the trials table (also written to `out_dir`)."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    sweep = section(params, "sweep")
+    dataset = sweep["dataset"]
+    prepared_dir = repo_path(Path("data/prepared") / dataset)
+    storage = repo_path(section(params, "ray", "storage"))
+    data_hash = _data_hash(prepared_dir)
+    exp_name = f"{sweep['name']}-{sweep_fingerprint(params, data_hash)}"
+    exp_path = storage / exp_name
+    tracking_uri = resolve_tracking_uri(section(params, "mlflow", "tracking_uri"))
+    experiment_id = ensure_experiment(tracking_uri, section(params, "mlflow", "experiment"))
+    client = MlflowClient(tracking_uri)
+
+    parent_file = exp_path / "cmmasksd_sweep.json"
+    if parent_file.exists():
+        parent_run_id = json.loads(parent_file.read_text())["parent_run_id"]
+        log.info("resuming sweep %s (MLflow parent run %s)", exp_path, parent_run_id)
+    else:
+        tags = {"git_commit": git_commit(), "dataset": dataset, "backbone": str(section(params, "train", "model")),
+                "data_hash": data_hash, "ray_experiment": str(exp_path)}
+        parent_run_id = start_sweep_run(client, experiment_id, exp_name, {"sweep": sweep, "train": params["train"]}, tags)
+        exp_path.mkdir(parents=True, exist_ok=True)
+        parent_file.write_text(json.dumps({"parent_run_id": parent_run_id}))
+
+    trials = expand_grid(sweep)
+    spec_base = {
+        "base": params["train"], "prepared_dir": str(prepared_dir), "tracking_uri": tracking_uri,
+        "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+        "threads": max(1, int(float(sweep["resources"].get("cpu", 1)))),
+    }
+    init_ray(section(params, "ray", "address"))
+    if tune.Tuner.can_restore(str(exp_path)):
+        tuner = tune.Tuner.restore(str(exp_path), trainable=tune.with_resources(
+            run_trial, {"cpu": float(sweep["resources"].get("cpu", 1)), "gpu": float(sweep["resources"].get("gpu", 0))}),
+            resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = build_tuner(spec_base, trials, params, exp_name, storage)
+    results = tuner.fit()
+
+    table = trials_table(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "trials.csv", index=False)
+    (out_dir / "sweep.json").write_text(json.dumps({
+        "experiment": section(params, "mlflow", "experiment"), "experiment_id": experiment_id,
+        "parent_run_id": parent_run_id, "tracking_uri": tracking_uri, "ray_experiment": str(exp_path),
+        "n_trials": len(table), "n_failed": int((table["status"] != "FINISHED").sum()),
+    }, indent=2))
+    best = table[table["status"] == "FINISHED"].sort_values(f"final/{METRIC}", ascending=False).head(1)
+    if not best.empty:
+        row = best.iloc[0]
+        config = trial_config(params["train"], row["overrides"], prepared_dir, Path("runs/best"), spec_base["threads"])
+        (out_dir / "best_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    client.log_artifact(parent_run_id, str(out_dir / "trials.csv"))
+    client.set_terminated(parent_run_id, status="FINISHED" if table["status"].eq("FINISHED").all() else "FAILED")
+    return table
+
+
+def trials_table(results) -> pd.DataFrame:
+    """One row per trial: its variant, seed, status, MLflow run and final metrics."""
+    rows = []
+    for result in results:
+        trial = result.config["trial"]
+        metrics = result.metrics or {}
+        done = bool(metrics.get("done")) and result.error is None
+        rows.append({
+            "variant": trial["name"], "seed": trial["overrides"]["seed"],
+            "status": "FINISHED" if done else "FAILED",
+            "mlflow_run_id": metrics.get("mlflow_run_id", ""),
+            **{k: metrics.get(k) for k in sorted(metrics) if k.startswith(("final/", "cost/"))},
+            "overrides": trial["overrides"],
+            "error": "" if result.error is None else str(result.error).splitlines()[0][:200],
+        })
+    return pd.DataFrame(rows).sort_values(["variant", "seed"]).reset_index(drop=True)
+
+
+def _data_hash(prepared_dir: Path) -> str:
+    """Hash of the prepared manifests (cheap, and changes whenever the data does)."""
+    digest = hashlib.sha256()
+    for manifest in sorted(prepared_dir.glob("*/manifest.json")):
+        digest.update(manifest.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(REPO_ROOT / "params.yaml"))
+    parser.add_argument("--out", default=str(OUT_DIR))
+    args = parser.parse_args(argv)
+    setup_logging()
+    table = run_sweep(load_params(args.params), Path(args.out))
+    print(table.drop(columns=["overrides"]).to_string(index=False))
+    if not table["status"].eq("FINISHED").any():
+        raise SystemExit("sweep: no trial finished; see the errors above and in sweep/trials.csv")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""MLflow glue: the tracking contract of `shared/spec/pipeline.md`, written in one place.
+
+Parent run per sweep (tags `cmmasksd.role=sweep`, git commit, data hash, dataset, backbone),
+child run per trial (tag `cmmasksd.role=trial`, `cmmasksd.trial_id`, `cmmasksd.variant`).
+Metric names (the report stage depends on them):
+- per epoch (step = epoch): `train/loss`, `train/seg`, `train/lmvsd`, `train/vmlsd`,
+  `val/miou`, `val/oiou`, `val/prec_50..90`, `lr`, `epoch_time_s`, `step_time_s`;
+- final, with the val-selected weights: `final/<split>/<metric>`, `cost/step_time_s`,
+  `cost/peak_mem_mb`, `cost/params_total`, `cost/params_baseline`, `cost/params_extra`, `best_epoch`.
+Artifacts: `per_expression/per_expression_<split>.csv`, `figures/*.png`, `results.json`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from pipeline.common import REPO_ROOT
+
+ROLE = "cmmasksd.role"
+TRIAL_ID = "cmmasksd.trial_id"
+VARIANT = "cmmasksd.variant"
+MAX_PARAM_LENGTH = 6000
+
+
+def resolve_tracking_uri(configured: str | None, repo_root: Path = REPO_ROOT) -> str:
+    """The configured URI, else an absolute sqlite file in the repo (relative paths break in Ray workers)."""
+    if configured:
+        if configured.startswith("sqlite:///") and not configured.startswith("sqlite:////"):
+            return "sqlite:///" + str((repo_root / configured.removeprefix("sqlite:///")).resolve())
+        return configured
+    return f"sqlite:///{(repo_root / 'mlflow.db').resolve()}"
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Create the store and experiment on the driver, before any trial touches it (first use races)."""
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else mlflow.create_experiment(name)
+
+
+def git_commit(repo_root: Path = REPO_ROOT) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _params(values: dict[str, Any]) -> list[Param]:
+    return [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(values.items())]
+
+
+def _metrics(values: dict[str, float], step: int) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items()]
+
+
+def start_sweep_run(client: MlflowClient, experiment_id: str, name: str, params: dict[str, Any],
+                    tags: dict[str, str]) -> str:
+    run = client.create_run(experiment_id, run_name=name, tags={ROLE: "sweep", **tags})
+    client.log_batch(run.info.run_id, params=_params(flatten(params)))
+    return run.info.run_id
+
+
+class TrialRun:
+    """One trial's child run; a retried or resumed trial finds and continues its own run."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str, variant: str):
+        self.client = MlflowClient(tracking_uri)
+        found = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TRIAL_ID}` = '{trial_id}'",
+        )
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            self.resumed = True
+        else:
+            tags = {"mlflow.parentRunId": parent_run_id, ROLE: "trial", TRIAL_ID: trial_id, VARIANT: variant}
+            self.run_id = self.client.create_run(experiment_id, run_name=variant, tags=tags).info.run_id
+            self.resumed = False
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        if not self.resumed:  # params are immutable in MLflow; a resumed run logged them already
+            self.client.log_batch(self.run_id, params=_params(flatten(config)))
+
+    def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
+        self.client.log_batch(self.run_id, metrics=_metrics(metrics, epoch))
+
+    def log_final(self, metrics: dict[str, float], artifacts: dict[str, list[Path]], tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, metrics=_metrics(metrics, 0),
+                              tags=[RunTag(k, v) for k, v in tags.items()])
+        for folder, paths in artifacts.items():
+            for path in paths:
+                self.client.log_artifact(self.run_id, str(path), artifact_path=folder or None)
+
+    def finish(self, ok: bool) -> None:
+        status = RunStatus.FINISHED if ok else RunStatus.FAILED
+        self.client.set_terminated(self.run_id, status=RunStatus.to_string(status))
