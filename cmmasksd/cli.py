@@ -42,7 +42,7 @@ def cmd_train(args) -> None:
     from cmmasksd.config import load_config
     from cmmasksd.train import train
 
-    config = load_config(resolve_train_config(args.config), _parse_overrides(args.set))
+    config = load_config(args.config, _parse_overrides(args.set))
     result = train(config)
     print(json.dumps({"out_dir": str(result.out_dir), "best_epoch": result.best_epoch, "final": result.final,
                       "cost": result.cost}, indent=2))
@@ -84,18 +84,6 @@ def cmd_params(args) -> None:
     from cmmasksd.model import get_model_config, parameter_report
 
     print(json.dumps(parameter_report(get_model_config(args.model)), indent=2))
-
-
-def resolve_train_config(name_or_path: str) -> Path:
-    """A YAML path, or the name of a config shipped in `cmmasksd/train_configs/` (e.g. `demo-cris`)."""
-    path = Path(name_or_path)
-    if path.exists():
-        return path
-    shipped = Path(__file__).parent / "train_configs" / f"{name_or_path}.yaml"
-    if shipped.exists():
-        return shipped
-    names = sorted(p.stem for p in shipped.parent.glob("*.yaml"))
-    raise SystemExit(f"{name_or_path}: no such file and no shipped train config of that name (shipped: {names})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         args.func(args)

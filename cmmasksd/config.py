@@ -118,21 +118,55 @@ class TrainConfig(_Strict):
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config; `model:` may name a registered model config or give fields inline.
+    """Read a YAML config (a path or a shipped profile name); `model:` may name a registered model config or give fields inline.
 
     `overrides` are dotted keys (``{"masksd.lambda_v": 0.5}``) applied after the file, which is
     how sweeps and the CLI's ``--set`` change one value without copying a file.
     """
-    path = Path(path)
+    raw = read_profile(path)
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return build_config(raw)
+
+
+PROFILE_DIR = Path(__file__).parent / "train_configs"
+
+
+def resolve_profile(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a profile shipped in `cmmasksd/train_configs/` (e.g. `demo-cris`)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = PROFILE_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"{name_or_path}: no such file and no shipped profile of that name (shipped: {names})")
+
+
+def read_profile(name_or_path: str | Path) -> dict[str, Any]:
+    """The raw (unvalidated) mapping of a profile, to merge overrides into before `build_config`."""
+    path = resolve_profile(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    for key, value in (overrides or {}).items():
-        set_dotted(raw, key, value)
-    return build_config(raw)
+    return raw
+
+
+def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` merged in, section by section (a new dict; neither input changes)."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        elif isinstance(value, dict) and isinstance(merged.get(key), str) and key == "model":
+            merged[key] = {"name": merged[key], **value}  # a named model config, then some fields
+        else:
+            merged[key] = value
+    return merged
 
 
 def build_config(raw: dict[str, Any]) -> TrainConfig:

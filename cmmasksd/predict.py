@@ -34,7 +34,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     if "config" not in state and "fingerprint" in state:
         raise ValueError(f"{path}: a resume checkpoint without the run config; use best.pt from the same folder")
     config = TrainConfig.model_validate(state["config"])
-    model = create_model(config.model, config.masksd)
+    # the checkpoint holds every weight: build without fetching pretrained CLIP weights first
+    model = create_model(config.model.model_copy(update={"pretrained": None}), config.masksd)
     model.load_state_dict(state["model"])
     model.to(device).eval()
     info = state["info"]

@@ -58,8 +58,8 @@ class TrainResult:
     figures: list[Path] = field(default_factory=list)
 
     def flat_metrics(self) -> dict[str, float]:
-        """`<split>/<metric>` for every final split, plus the cost figures."""
-        flat = {f"{split}/{k}": v for split, ms in self.final.items() for k, v in ms.items()}
+        """`final/<split>/<metric>` for every evaluated split, plus `cost/*` and `best_epoch`."""
+        flat = {f"final/{split}/{k}": v for split, ms in self.final.items() for k, v in ms.items()}
         flat.update({f"cost/{k}": v for k, v in self.cost.items()})
         flat["best_epoch"] = float(self.best_epoch)
         return flat

@@ -34,11 +34,7 @@ def save_overlay(image: np.ndarray, mask: np.ndarray, text: str, path: Path) -> 
     ax.imshow(overlay_mask(image, mask))
     ax.set_title("\n".join(textwrap.wrap(text, 50)) or "(empty expression)", fontsize=10)
     ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=120)
 
 
 @torch.no_grad()
@@ -53,8 +49,8 @@ def save_prediction_overlays(
     threshold: float = 0.35,
     blank_text: bool = False,
 ) -> Path:
-    """A grid of `count` expressions spread from the best to the worst IoU: ground truth (green)
-    beside the prediction (red), on the letterboxed input, titled with the expression and IoU."""
+    """A grid of `count` expressions spread from the best to the worst IoU: the ground truth outlined
+    in green beside the prediction filled in red, on the letterboxed input, with expression and IoU."""
     ranked = per_expression.sort_values("iou", ascending=False).reset_index(drop=True)
     picks = ranked.iloc[np.unique(np.linspace(0, len(ranked) - 1, num=min(count, len(ranked))).round().astype(int))]
     dataset = RefSegDataset(split, train=False, blank_text=blank_text)
@@ -67,17 +63,15 @@ def save_prediction_overlays(
         image = item["image"].permute(1, 2, 0).numpy()
         gt = item["mask"][0].numpy() > 0.5
         text = split.sentences.at[int(pick["sentence_idx"]), "text"]
-        row[0].imshow(overlay_mask(image, gt, GT_COLOUR))
-        row[0].set_title("\n".join(textwrap.wrap(f"GT: {text}", 40)), fontsize=8)
+        row[0].imshow(image)
+        row[0].contour(gt, levels=[0.5], colors=[np.asarray(GT_COLOUR) / 255], linewidths=2)
+        row[0].set_title("\n".join(textwrap.wrap(f"{text}  (ground truth)", 40)), fontsize=8)
         row[1].imshow(overlay_mask(image, pred, PRED_COLOUR))
+        row[1].contour(gt, levels=[0.5], colors=[np.asarray(GT_COLOUR) / 255], linewidths=1)
         row[1].set_title(f"prediction (IoU {pick['iou']:.2f})", fontsize=8)
         for ax in row:
             ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_learning_curves(history: list[dict[str, float]], path: Path) -> Path:
@@ -93,9 +87,13 @@ def save_learning_curves(history: list[dict[str, float]], path: Path) -> Path:
             ax_val.plot(frame["epoch"], frame[col], marker="o", label=col)
     ax_val.set(xlabel="epoch", ylabel="IoU", title="validation", ylim=(0, 1))
     ax_val.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path, dpi: int = 110) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

@@ -472,6 +472,47 @@ class Section:
         return display_rows(self.table, style, lambda variant: variant == baseline_name)
 
 
+# Published mIoU (%) from shared/spec/method.md: CRIS (CVPR 2022, CLIP RN101) and CM-MaskSD (TMM 2024,
+# secondary sources, labels there are mixed). Shown beside ours when the sweep ran on a real dataset.
+PUBLISHED_MIOU = {
+    "refcoco": {"CRIS (RN101)": {"val": 70.47, "testA": 73.18, "testB": 66.10},
+                "CM-MaskSD": {"val": 74.89, "testA": 77.54, "testB": 71.28}},
+    "refcoco+": {"CRIS (RN101)": {"val": 62.27, "testA": 68.08, "testB": 53.68},
+                 "CM-MaskSD": {"val": 67.47, "testA": 71.80, "testB": 59.91}},
+    "refcocog": {"CRIS (RN101)": {"val": 59.87, "test": 60.36},
+                 "CM-MaskSD": {"val": 66.53, "test": 66.63}},
+}
+
+
+def published_table(dataset: str, ours: pd.DataFrame) -> pd.DataFrame | None:
+    """Published mIoU per split beside ours (baseline and best variant, mean over seeds); None for
+    datasets the papers did not report (RefShapes)."""
+    published = PUBLISHED_MIOU.get(dataset)
+    if not published:
+        return None
+    splits = list(next(iter(published.values())))
+    rows = [{"row": name, **{split: f"{value:.2f}" for split, value in numbers.items()}}
+            for name, numbers in published.items()]
+    for _, rec in ours.iterrows():
+        rows.append({"row": f"ours: {rec['row']}", **{
+            split: (f"{100 * rec[split]:.2f}" if pd.notna(rec.get(split)) else "-") for split in splits}})
+    return pd.DataFrame(rows, columns=["row", *splits])
+
+
+def _ours_by_split(sections: list[Section], names: dict[str, str]) -> pd.DataFrame:
+    """Mean mIoU per split of the named variants (row label -> variant), from the branch tables."""
+    rows = []
+    for label, variant in names.items():
+        rec = {"row": label}
+        for section in sections:
+            if section.name.startswith("branches_"):
+                t = section.table
+                hit = t[(t["variant"] == variant) & (t["metric"] == "miou")]
+                rec[section.name.removeprefix("branches_")] = float(hit["mean"].iloc[0]) if not hit.empty else None
+        rows.append(rec)
+    return pd.DataFrame(rows)
+
+
 def legend(n_boot: int, seed: int, splits: list[str]) -> str:
     defaults = ", ".join(f"{k.removeprefix('masksd.')}={_label(v)}" for k, v in DEFAULTS.items())
     return "\n".join([
@@ -575,12 +616,20 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
     sections = build_sections(trials, n_boot, seed) if not trials.empty else []
     baseline = baseline_trials(trials)
     baseline_name = baseline["variant"].iloc[0] if baseline is not None else None
-    best = None
+    best, best_name = None, None
     if sections:
         best_name, best = best_variant(trials, n_boot, seed)
         header.append(f"Best variant on val mIoU: `{best_name}`.")
     legend_text = legend(n_boot, seed, _splits(trials))
-    (out / "ablation.md").write_text(render_markdown(sections, header, baseline_name, missing, legend_text))
+    markdown = render_markdown(sections, header, baseline_name, missing, legend_text)
+    ours = {label: name for label, name in (("CRIS baseline", baseline_name), ("best variant", best_name)) if name}
+    published = published_table(tags.get("dataset", ""), _ours_by_split(sections, ours))
+    if published is not None:
+        markdown += ("\n## Published numbers (mIoU %, for reference)\n\n"
+                     + published.to_markdown(index=False, disable_numparse=True)
+                     + "\n\nCRIS: CVPR 2022 paper (CLIP RN101). CM-MaskSD: TMM 2024 as quoted by secondary "
+                       "sources (their mIoU/oIoU labels are mixed).\n")
+    (out / "ablation.md").write_text(markdown)
     (out / "ablation.tex").write_text(render_latex(sections, baseline_name))
     tables = [s.table for s in sections if not s.table.empty]
     (pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=LONG_COLUMNS)).to_csv(

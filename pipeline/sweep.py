@@ -33,6 +33,11 @@ from pipeline.tracking import (
     start_sweep_run,
 )
 
+# Ray >= 2.59 turns token auth on for local clusters: say so explicitly (Ray reads this when it
+# is imported, so before any `import ray`), and let the user's own setting win, e.g.
+# RAY_AUTH_MODE=token plus RAY_AUTH_TOKEN for a cluster started with `ray start --head`.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 log = logging.getLogger(__name__)
 BASELINE = {"masksd.branches": "none"}
 OUT_DIR = Path("sweep")
@@ -62,12 +67,20 @@ def expand_grid(sweep: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def sweep_fingerprint(params: dict[str, Any], data_hash: str) -> str:
+def sweep_fingerprint(base: dict[str, Any], sweep: dict[str, Any], data_hash: str) -> str:
     """Hash of what defines the trials (base config, grid, data): a change starts a new Ray experiment,
     an unchanged sweep resumes the old one."""
-    sweep = {k: v for k, v in params["sweep"].items() if k != "max_concurrent"}
-    keys = {"train": params.get("train"), "sweep": sweep, "data": data_hash}
+    sweep = {k: v for k, v in sweep.items() if k != "max_concurrent"}
+    keys = {"train": base, "sweep": sweep, "data": data_hash}
     return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def base_config(params: dict[str, Any]) -> dict[str, Any]:
+    """`train.profile` with `train.overrides` merged in: the raw config every trial starts from."""
+    from cmmasksd.config import deep_merge, read_profile
+
+    train = section(params, "train")
+    return deep_merge(read_profile(train["profile"]), train.get("overrides") or {})
 
 
 def trial_config(base: dict[str, Any], overrides: dict[str, Any], prepared_dir: Path, out_dir: Path,
@@ -124,8 +137,7 @@ def run_trial(spec: dict[str, Any]) -> None:
     except BaseException:
         run.finish(ok=False)
         raise
-    final = {k.replace("/", "/", 1): v for k, v in result.flat_metrics().items()}
-    final = {(f"final/{k}" if not k.startswith(("cost/", "best_epoch")) else k): v for k, v in final.items()}
+    final = result.flat_metrics()
     run.log_final(
         final,
         artifacts={
@@ -136,17 +148,15 @@ def run_trial(spec: dict[str, Any]) -> None:
         tags={"checkpoint_path": str(result.checkpoint)},
     )
     run.finish(ok=True)
-    tune.report({**final, "epoch": config.optim.epochs, "mlflow_run_id": run.run_id, "done": True})
+    tune.report({**final, METRIC: result.best_val_miou, "epoch": config.optim.epochs,
+                 "mlflow_run_id": run.run_id, "done": True})
 
 
 def init_ray(address: str | None) -> None:
     """A local Ray (default) or an existing cluster; trials import `pipeline` from this repo."""
     import ray
 
-    # Ray >= 2.59 turns token auth on for local clusters; keep that default explicit and let a
-    # user's own setting (a cluster started with RAY_AUTH_MODE=token and a token) win.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT), "TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"}}
+    runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -164,7 +174,7 @@ def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], params:
     scheduler = None
     asha = sweep.get("asha") or {}
     if asha.get("enabled"):
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(section(params, "train", "optim", "epochs")),
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(spec_base["base"]["optim"]["epochs"]),
                                   grace_period=int(asha.get("grace_period", 1)),
                                   reduction_factor=float(asha.get("reduction_factor", 2)))
     return tune.Tuner(
@@ -192,7 +202,8 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     prepared_dir = repo_path(Path("data/prepared") / dataset)
     storage = repo_path(section(params, "ray", "storage"))
     data_hash = _data_hash(prepared_dir)
-    exp_name = f"{sweep['name']}-{sweep_fingerprint(params, data_hash)}"
+    base = base_config(params)
+    exp_name = f"{sweep['name']}-{sweep_fingerprint(base, sweep, data_hash)}"
     exp_path = storage / exp_name
     tracking_uri = resolve_tracking_uri(section(params, "mlflow", "tracking_uri"))
     experiment_id = ensure_experiment(tracking_uri, section(params, "mlflow", "experiment"))
@@ -203,15 +214,15 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
         parent_run_id = json.loads(parent_file.read_text())["parent_run_id"]
         log.info("resuming sweep %s (MLflow parent run %s)", exp_path, parent_run_id)
     else:
-        tags = {"git_commit": git_commit(), "dataset": dataset, "backbone": str(section(params, "train", "model")),
+        tags = {"git_commit": git_commit(), "dataset": dataset, "backbone": str(base.get("model")),
                 "data_hash": data_hash, "ray_experiment": str(exp_path)}
-        parent_run_id = start_sweep_run(client, experiment_id, exp_name, {"sweep": sweep, "train": params["train"]}, tags)
+        parent_run_id = start_sweep_run(client, experiment_id, exp_name, {"sweep": sweep, "train": params["train"], "base": base}, tags)
         exp_path.mkdir(parents=True, exist_ok=True)
         parent_file.write_text(json.dumps({"parent_run_id": parent_run_id}))
 
     trials = expand_grid(sweep)
     spec_base = {
-        "base": params["train"], "prepared_dir": str(prepared_dir), "tracking_uri": tracking_uri,
+        "base": base, "prepared_dir": str(prepared_dir), "tracking_uri": tracking_uri,
         "experiment_id": experiment_id, "parent_run_id": parent_run_id,
         "threads": max(1, int(float(sweep["resources"].get("cpu", 1)))),
     }
@@ -235,7 +246,7 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     best = table[table["status"] == "FINISHED"].sort_values(f"final/{METRIC}", ascending=False).head(1)
     if not best.empty:
         row = best.iloc[0]
-        config = trial_config(params["train"], row["overrides"], prepared_dir, Path("runs/best"), spec_base["threads"])
+        config = trial_config(spec_base["base"], row["overrides"], prepared_dir, Path("runs/best"), spec_base["threads"])
         (out_dir / "best_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     client.log_artifact(parent_run_id, str(out_dir / "trials.csv"))
     client.set_terminated(parent_run_id, status="FINISHED" if table["status"].eq("FINISHED").all() else "FAILED")

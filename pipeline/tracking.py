@@ -38,11 +38,21 @@ def resolve_tracking_uri(configured: str | None, repo_root: Path = REPO_ROOT) ->
     return f"sqlite:///{(repo_root / 'mlflow.db').resolve()}"
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """For a sqlite store, artifacts go to `mlartifacts/` beside the db (MLflow's default is the cwd's
+    `./mlruns`, which differs per Ray worker); a server decides for itself."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Create the store and experiment on the driver, before any trial touches it (first use races)."""
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else mlflow.create_experiment(name)
+    if experiment:
+        return experiment.experiment_id
+    return mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri))
 
 
 def git_commit(repo_root: Path = REPO_ROOT) -> str:

@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param
 
 from cmmasksd.config import MaskSDConfig
 from cmmasksd.metrics import summarize
-from pipeline.report import branch_table, grid_table, load_trials, main
+from pipeline.report import branch_table, grid_table, load_trials, main, published_table
 
 N_EXPR = 200
 UNION = 1000
@@ -216,3 +216,14 @@ def test_a_sweep_with_no_finished_trial_still_reports(report, tmp_path):
 def test_figures_are_pngs(report, name):
     data = (report.out / name).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_published_numbers_sit_beside_ours_on_real_datasets_only(report):
+    ours = pd.DataFrame([{"row": "CRIS baseline", "val": 0.5012, "testA": 0.6, "testB": None}])
+    table = published_table("refcoco", ours)
+    assert list(table.columns) == ["row", "val", "testA", "testB"]
+    assert table.set_index("row").loc["CM-MaskSD", "val"] == "74.89"
+    assert table.set_index("row").loc["ours: CRIS baseline"].tolist() == ["50.12", "60.00", "-"]
+    assert list(published_table("refcocog", ours).columns) == ["row", "val", "test"]
+    assert published_table("refshapes", ours) is None
+    assert "Published numbers" not in (report.out / "ablation.md").read_text()  # the fixture is RefShapes

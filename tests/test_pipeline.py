@@ -1,0 +1,277 @@
+"""The sweep stage for real: local Ray, a `ray start --head` cluster, a real `mlflow server`,
+a trial killed mid-training, an interrupted sweep resumed, and `dvc repro` in a git repo.
+
+Each sweep runs as `python -m pipeline.sweep` in a copy of the project's pipeline (as DVC runs it),
+on a tiny RefShapes and tiny training settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from cmmasksd.config import deep_merge
+
+pytestmark = pytest.mark.slow
+PROJECT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+TINY_TRAIN = {"optim": {"epochs": 2, "milestones": [], "batch_size": 8},
+              "data": {"max_train_objects": 16, "max_eval_expressions": 8}, "num_overlays": 1}
+
+
+def make_repo(tmp_path: Path, prepared_root: Path | None, train: dict | None = None, **changes) -> Path:
+    """A copy of the project's stages, library and params with tiny settings.
+
+    `train` is merged into the tiny `train.overrides`; `changes` are other dotted params.
+    """
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for package in ("pipeline", "cmmasksd"):
+        shutil.copytree(PROJECT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy2(PROJECT / name, repo / name)
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    tiny = {
+        "fetch.refshapes.generate": {"seed": 0, "image_size": 64,
+                                     "images": {"train": 16, "val": 8, "testA": 4, "testB": 4}},
+        "preprocess.refshapes.size": 64,
+        "train.overrides": deep_merge(TINY_TRAIN, train or {}),
+        "sweep.variants": [{"masksd.branches": "both"}],
+        "sweep.max_concurrent": 2,
+        **changes,
+    }
+    for key, value in tiny.items():
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if prepared_root is not None:
+        shutil.copytree(prepared_root, repo / "data" / "prepared" / "refshapes")
+    return repo
+
+
+def run_stage(repo: Path, *args: str, env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", *args], cwd=repo, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def child_runs(sweep_file: Path) -> tuple[MlflowClient, list]:
+    info = json.loads(sweep_file.read_text())
+    client = MlflowClient(info["tracking_uri"])
+    runs = client.search_runs([info["experiment_id"]],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{info['parent_run_id']}'")
+    return client, runs
+
+
+def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root, tmp_path):
+    repo = make_repo(tmp_path, prepared_root)
+    run_stage(repo, "pipeline.sweep")
+
+    trials = pd.read_csv(repo / "sweep" / "trials.csv")
+    assert sorted(trials["variant"]) == ["both", "cris"]
+    assert (trials["status"] == "FINISHED").all()
+    client, runs = child_runs(repo / "sweep" / "sweep.json")
+    assert len(runs) == 2
+    info = json.loads((repo / "sweep" / "sweep.json").read_text())
+    parent = client.get_run(info["parent_run_id"])
+    assert parent.data.tags["cmmasksd.role"] == "sweep" and parent.data.tags["dataset"] == "refshapes"
+    assert parent.info.status == "FINISHED"
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["masksd.branches"] in {"none", "both"}
+        assert run.data.params["model.clip"] == "tiny-rn"
+        assert {"final/val/miou", "final/testA/oiou", "cost/step_time_s", "best_epoch"} <= set(run.data.metrics)
+        history = client.get_metric_history(run.info.run_id, "val/miou")
+        assert [m.step for m in history] == [1, 2]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"per_expression", "figures", "results.json"} <= artifacts
+        assert run.data.tags["checkpoint_path"].endswith("best.pt")
+    best = yaml.safe_load((repo / "sweep" / "best_config.yaml").read_text())
+    assert best["masksd"]["branches"] in {"none", "both"}
+
+    end_times = {r.info.run_id: r.info.end_time for r in runs}
+    run_stage(repo, "pipeline.sweep")  # a rerun restores the finished sweep instead of training again
+    client, again = child_runs(repo / "sweep" / "sweep.json")
+    assert {r.info.run_id: r.info.end_time for r in again} == end_times
+    for run in again:
+        assert len(client.get_metric_history(run.info.run_id, "val/miou")) == 2
+
+    run_stage(repo, "pipeline.report", "--sweep-file", "sweep/sweep.json", "--out", "reports")
+    table = (repo / "reports" / "ablation.md").read_text()
+    assert "CRIS" in table and "both" in table.lower()
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert metrics["n_trials"] == 2 and metrics["n_failed"] == 0
+
+
+def _trial_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::") and "ImplicitFunc" in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_killed_trial_is_retried_from_its_checkpoint(prepared_root, tmp_path):
+    repo = make_repo(tmp_path, prepared_root, train={"optim": {"epochs": 4}},
+                     **{"sweep.variants": [], "sweep.max_failures": 2})
+    sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep"], cwd=repo, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    storage = repo / "ray_results"
+    deadline = time.time() + 300
+    killed = False
+    while time.time() < deadline and sweep.poll() is None and not killed:
+        if list(storage.glob("*/*/checkpoint_*")):
+            for proc in _trial_workers():
+                proc.kill()
+                killed = True
+        time.sleep(0.2)
+    output, _ = sweep.communicate(timeout=400)
+    assert killed, "no trial worker was found to kill"
+    assert sweep.returncode == 0, output[-4000:]
+    trials = pd.read_csv(repo / "sweep" / "trials.csv")
+    assert (trials["status"] == "FINISHED").all()
+    client, runs = child_runs(repo / "sweep" / "sweep.json")
+    assert len(runs) == 1  # the retry continued the same MLflow run
+    assert int(runs[0].data.tags["cmmasksd.resumed_from_epoch"]) >= 1
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val/miou")]
+    assert sorted(set(steps)) == [1, 2, 3, 4]
+
+
+def test_interrupted_sweep_resumes_without_retraining_finished_trials(prepared_root, tmp_path):
+    repo = make_repo(tmp_path, prepared_root, train={"optim": {"epochs": 3}}, **{"sweep.max_concurrent": 1})
+    tracking = f"sqlite:///{repo / 'mlflow.db'}"
+    sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep"], cwd=repo, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    finished = []
+    while time.time() < deadline and sweep.poll() is None and not finished:
+        time.sleep(1)
+        if (repo / "mlflow.db").exists():
+            client = MlflowClient(tracking)
+            finished = [r for r in client.search_runs(["1"], filter_string="tags.`cmmasksd.role` = 'trial'")
+                        if r.info.status == "FINISHED"]
+    assert finished, "no trial finished before the deadline"
+    os.killpg(sweep.pid, signal.SIGINT)  # Ctrl-C, as a user (or DVC) would
+    sweep.communicate(timeout=120)
+    first = finished[0]
+
+    run_stage(repo, "pipeline.sweep")
+    trials = pd.read_csv(repo / "sweep" / "trials.csv")
+    assert len(trials) == 2 and (trials["status"] == "FINISHED").all()
+    client, runs = child_runs(repo / "sweep" / "sweep.json")
+    assert len(runs) == 2
+    again = client.get_run(first.info.run_id)
+    assert again.info.end_time == first.info.end_time  # not trained again
+    assert len(client.get_metric_history(first.info.run_id, "val/miou")) == 3
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 (2 processes: no job runner, one worker)."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(server.pid, signal.SIGTERM)
+        pytest.fail("mlflow server did not start within 90 s")
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+def test_sweep_logs_to_a_real_mlflow_server(prepared_root, tmp_path, mlflow_server):
+    repo = make_repo(tmp_path, prepared_root, **{"mlflow.tracking_uri": mlflow_server})
+    run_stage(repo, "pipeline.sweep")
+    info = json.loads((repo / "sweep" / "sweep.json").read_text())
+    assert info["tracking_uri"] == mlflow_server
+    client, runs = child_runs(repo / "sweep" / "sweep.json")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    run = runs[0]
+    assert "masksd.mask_ratio_v" in run.data.params and "final/val/miou" in run.data.metrics
+    local = client.download_artifacts(run.info.run_id, "per_expression", str(tmp_path / "dl"))
+    csvs = sorted(p.name for p in Path(local).iterdir())
+    assert csvs == ["per_expression_testA.csv", "per_expression_testB.csv", "per_expression_val.csv"]
+    assert not (repo / "mlflow.db").exists()  # nothing went to the default local store
+
+
+def test_sweep_runs_on_a_ray_cluster_started_with_ray_start(prepared_root, tmp_path):
+    port = free_port()
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    ray = str(BIN / "ray")
+    subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                    "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+                   check=True, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+    try:
+        repo = make_repo(tmp_path, prepared_root, **{"ray.address": f"127.0.0.1:{port}"})
+        result = run_stage(repo, "pipeline.sweep", env=env)
+        assert f"127.0.0.1:{port}" in result.stdout + result.stderr  # connected, did not start its own
+        trials = pd.read_csv(repo / "sweep" / "trials.csv")
+        assert len(trials) == 2 and (trials["status"] == "FINISHED").all()
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, env={**os.environ, **env}, timeout=120)
+
+
+def test_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
+    repo = make_repo(tmp_path, None)
+    git_env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {**os.environ, **git_env, "PATH": f"{BIN}:{os.environ['PATH']}"}
+
+    def sh(*cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, env=env, timeout=timeout)
+        assert result.returncode == 0, f"{cmd}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    (repo / ".gitignore").write_text("/ray_results/\n/mlflow.db\n/mlartifacts/\n")
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "init")
+    sh("dvc", "repro")
+    for name in ("ablation.md", "ablation.csv", "ablation.tex", "heatmap_mask_ratio.png", "metrics.json"):
+        assert (repo / "reports" / name).stat().st_size > 0
+    assert (repo / "dvc.lock").exists()
+
+    again = sh("dvc", "repro")
+    assert "Data and pipelines are up to date" in again.stdout
+    shown = sh("dvc", "metrics", "show")
+    assert "baseline_val_miou" in shown.stdout
