@@ -39,4 +39,5 @@ def repo_path(path: str | Path) -> Path:
 
 
 def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # force: an imported library may have configured the root logger already, hiding our INFO lines
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)

@@ -5,7 +5,9 @@
 
 Real datasets: the annotation zip is downloaded (mirrors, resume, checksum) or taken from a
 local copy, and the COCO train2014 images are linked from `fetch.coco_train2014.source` or
-downloaded into `data/raw/coco` (shared by the three datasets).
+downloaded into `data/raw/coco` (shared by the three datasets). `fetch.<name>` may set `source`
+(a local folder or zip), `urls` (mirrors, in order), `sha256`, `md5` and `size` (null: not
+checked); absent keys take the catalogue's values (`cmmasksd.io.sources.SOURCES`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import argparse
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.common import load_params, repo_path, section, setup_logging
+
+if TYPE_CHECKING:
+    from cmmasksd.io import Source
 
 log = logging.getLogger(__name__)
 RAW = Path("data/raw")
@@ -33,17 +39,28 @@ def fetch_refshapes(settings: dict, out: Path) -> None:
     log.info("generated refshapes: %s", counts)
 
 
-def fetch_refer(dataset: str, params: dict, out: Path) -> None:
-    from cmmasksd.io import fetch_source, get_source
+def configured_source(params: dict, name: str) -> tuple[Source, Path | None]:
+    """The catalogue's `name` with the mirrors and checks of `fetch.<name>`, and its local copy if any."""
+    from cmmasksd.io import get_source, with_settings
 
-    settings = section(params, "fetch", dataset) or {}
-    local = settings.get("source")
-    annotations = fetch_source(get_source(dataset), repo_path(CACHE), repo_path(RAW / "annotations"),
-                               local=repo_path(local) if local else None)
-    coco_settings = section(params, "fetch", "coco_train2014") or {}
-    coco_local = coco_settings.get("source")
-    coco = fetch_source(get_source("coco_train2014"), repo_path(CACHE), repo_path(RAW / "coco"),
-                        local=repo_path(coco_local) if coco_local else None)
+    settings = dict(section(params, "fetch", name) or {})
+    local = settings.pop("source", None)
+    try:
+        source = with_settings(get_source(name), settings)
+    except ValueError as err:
+        raise ValueError(f"params.yaml `fetch.{name}`: {err}") from err
+    return source, repo_path(Path(local).expanduser()) if local else None
+
+
+def fetch_refer(dataset: str, params: dict, raw: Path, cache: Path, progress: bool = True) -> Path:
+    """Make `raw/<dataset>` the refer layout: links to the annotation files and to COCO train2014."""
+    from cmmasksd.io import fetch_source
+
+    source, local = configured_source(params, dataset)
+    annotations = fetch_source(source, cache, raw / "annotations", local=local, progress=progress)
+    coco_source, coco_local = configured_source(params, "coco_train2014")
+    coco = fetch_source(coco_source, cache, raw / "coco", local=coco_local, progress=progress)
+    out = raw / dataset
     out.mkdir(parents=True, exist_ok=True)
     for file in annotations.iterdir():
         target = out / file.name
@@ -54,6 +71,7 @@ def fetch_refer(dataset: str, params: dict, out: Path) -> None:
     if images.is_symlink():
         images.unlink()
     images.symlink_to(coco.resolve())
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,11 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     params = load_params(args.params)
-    out = repo_path(RAW / args.dataset)
     if args.dataset == "refshapes":
-        fetch_refshapes(section(params, "fetch", "refshapes") or {}, out)
+        fetch_refshapes(section(params, "fetch", "refshapes") or {}, repo_path(RAW / args.dataset))
     else:
-        fetch_refer(args.dataset, params, out)
+        fetch_refer(args.dataset, params, repo_path(RAW), repo_path(CACHE))
 
 
 if __name__ == "__main__":

@@ -3,23 +3,41 @@
     python -m pipeline.preprocess refshapes
 
 Writes `data/prepared/<dataset>/<split>/` (letterboxed images, packed masks, tokens, tables,
-`skipped.json` listing bad records, `manifest.json`) via `cmmasksd.data.prepare_dataset`.
+`skipped.json` listing bad records, `manifest.json`) via `cmmasksd.data.prepare_dataset`, with
+`preprocess.<dataset>.workers` processes decoding images. A split already prepared from the same
+inputs and settings is kept; an interrupted one continues where it stopped. For RefCOCO, RefCOCO+
+and G-Ref the split sizes of the files are compared with the published ones (OK / MISMATCH).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from pipeline.common import load_params, repo_path, section, setup_logging
 
 log = logging.getLogger(__name__)
+SETTINGS = {"split_by", "size", "word_len", "workers"}
+
+
+def official_count_report(dataset: str, split_by: str, counts: dict[str, dict[str, int]]) -> str | None:
+    """The comparison table with the published split sizes, or None for a dataset that has none."""
+    from cmmasksd.data import OFFICIAL_COUNTS, check_official_counts, format_count_checks
+
+    official = OFFICIAL_COUNTS.get((dataset, split_by))
+    if official is None:
+        return None
+    checks = check_official_counts(counts, official)
+    bad = [check.split for check in checks if not check.ok]
+    if bad:
+        log.warning("%s (%s): split sizes differ from the published ones in %s: wrong or modified files?",
+                    dataset, split_by, ", ".join(bad))
+    return f"{dataset} ({split_by}) against the published split sizes:\n{format_count_checks(checks)}"
 
 
 def main(argv: list[str] | None = None) -> None:
-    from cmmasksd.data import Refer, prepare_dataset
+    from cmmasksd.data import Refer, format_reports, prepare_dataset
 
     parser = argparse.ArgumentParser(description="preprocess one dataset into data/prepared/<dataset>")
     parser.add_argument("dataset")
@@ -27,12 +45,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     settings = section(load_params(args.params), "preprocess", args.dataset)
+    unknown = sorted(set(settings) - SETTINGS)
+    if unknown:
+        raise ValueError(f"params.yaml `preprocess.{args.dataset}`: unknown key(s) {unknown}; expected {sorted(SETTINGS)}")
     refer = Refer(repo_path(Path("data/raw") / args.dataset), settings["split_by"])
-    reports = prepare_dataset(refer, repo_path(Path("data/prepared") / args.dataset),
-                              size=int(settings["size"]), word_len=int(settings["word_len"]))
-    for split, report in reports.items():
-        log.info("%s/%s: %s", args.dataset, split, report)
-    print(json.dumps({split: str(report) for split, report in reports.items()}, indent=2))
+    reports = prepare_dataset(refer, repo_path(Path("data/prepared") / args.dataset), size=int(settings["size"]),
+                              word_len=int(settings["word_len"]), workers=int(settings.get("workers", 1)))
+    print(format_reports(reports))
+    counts = official_count_report(args.dataset, settings["split_by"], refer.split_counts())
+    if counts is not None:
+        print(counts)
 
 
 if __name__ == "__main__":

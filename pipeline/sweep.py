@@ -113,10 +113,9 @@ def run_trial(spec: dict[str, Any]) -> None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as restored:
-            for file in Path(restored).glob("*.pt"):
+            for file in Path(restored).iterdir():
                 shutil.copy2(file, ckpt_dir / file.name)
-        resumed_epoch = int(json.loads((ckpt_dir / "epoch.json").read_text())["epoch"]) \
-            if (ckpt_dir / "epoch.json").exists() else -1
+        resumed_epoch = int(json.loads((ckpt_dir / "epoch.json").read_text())["epoch"])
 
     config = build_config(trial_config(spec["base"], spec["trial"]["overrides"], Path(spec["prepared_dir"]),
                                        out_dir, spec["threads"]))
@@ -158,9 +157,10 @@ def init_ray(address: str | None) -> None:
 
     runtime_env = {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env)
+        context = ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env)
+    log.info("Ray cluster at %s (%s)", context.address_info["gcs_address"], "given" if address else "started here")
 
 
 def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], params: dict[str, Any], exp_name: str,
