@@ -90,7 +90,7 @@ def trial_config(base: dict[str, Any], overrides: dict[str, Any], prepared_dir: 
     raw = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
     raw.setdefault("data", {})["prepared_dir"] = str(prepared_dir)
     raw["out_dir"] = str(out_dir)
-    raw.setdefault("threads", threads)
+    raw["threads"] = threads  # what the trial reserved: sweep.resources.cpu
     for key, value in overrides.items():
         set_dotted(raw, key, value)
     return raw

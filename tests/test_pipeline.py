@@ -290,3 +290,10 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     assert "Data and pipelines are up to date" in again.stdout
     shown = sh("dvc", "metrics", "show")
     assert "baseline_val_miou" in shown.stdout
+
+    # an experiment with a changed sweep param: only the sweep and report stages run again
+    experiment = sh("dvc", "exp", "run", "-S", "sweep.variants=[]")
+    assert "Running stage 'sweep'" in experiment.stdout and "Running stage 'fetch" not in experiment.stdout
+    assert json.loads((repo / "reports" / "metrics.json").read_text())["n_trials"] == 1
+    table = sh("dvc", "exp", "show", "--json")
+    assert "sweep.variants" in table.stdout
