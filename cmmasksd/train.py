@@ -242,13 +242,14 @@ def _finish(config, model, splits, history, best_epoch, best_val, step_times, de
         tables[name] = out_dir / f"per_expression_{name}.csv"
         evaluation.per_expression.to_csv(tables[name], index=False)
 
-    params = parameter_report(config.model)
+    baseline = parameter_report(config.model)["baseline"]
+    total = sum(p.numel() for p in model.parameters())
     cost = {
         "step_time_s": (sum(step_times) / len(step_times)) if step_times else float("nan"),
         "peak_mem_mb": _peak_memory_mb(device),
-        "params_total": float(sum(p.numel() for p in model.parameters())),
-        "params_baseline": float(params["baseline"]),
-        "params_extra": float(params["extra"]),
+        "params_total": float(total),
+        "params_baseline": float(baseline),
+        "params_extra": float(total - baseline),  # 0 for the CRIS baseline: no mask tokens built
     }
     figures = [save_learning_curves(history, out_dir / "learning_curves.png")]
     val_name = config.data.val_split

@@ -114,6 +114,8 @@ def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root,
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"per_expression", "figures", "results.json"} <= artifacts
         assert run.data.tags["checkpoint_path"].endswith("best.pt")
+        baseline = run.data.params["masksd.branches"] == "none"
+        assert (run.data.metrics["cost/params_extra"] == 0) == baseline  # mask tokens only with distillation
     best = yaml.safe_load((repo / "sweep" / "best_config.yaml").read_text())
     assert best["masksd"]["branches"] in {"none", "both"}
 
