@@ -30,12 +30,12 @@ def cmd_refshapes(args) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from cmmasksd.data import Refer, prepare_dataset
+    from cmmasksd.data import Refer, format_reports, prepare_dataset
 
     refer = Refer(Path(args.root), args.split_by, image_dir=Path(args.image_dir) if args.image_dir else None)
-    reports = prepare_dataset(refer, Path(args.out), size=args.size, word_len=args.word_len, splits=args.splits)
-    for split, report in reports.items():
-        print(split, report)
+    reports = prepare_dataset(refer, Path(args.out), size=args.size, word_len=args.word_len, splits=args.splits,
+                              workers=args.workers)
+    print(format_reports(reports))
 
 
 def cmd_train(args) -> None:
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=416)
     p.add_argument("--word-len", type=int, default=17)
     p.add_argument("--splits", nargs="*", help="default: every split in the refs file")
+    p.add_argument("--workers", type=int, default=1, help="processes decoding images (a rerun resumes)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train and evaluate one run")

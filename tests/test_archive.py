@@ -12,8 +12,9 @@ import zipfile
 import pytest
 from http_server import FileServer
 
-from cmmasksd.io.archive import UnsafeArchiveError, safe_extract_zip, verify_layout
-from cmmasksd.io.sources import SOURCES, fetch_source, get_source
+from cmmasksd.io import sources
+from cmmasksd.io.archive import UnsafeArchiveError, missing_members, safe_extract_zip, verify_layout
+from cmmasksd.io.sources import SOURCES, fetch_source, get_source, with_settings
 
 REFCOCO_FILES = {
     "refcoco/instances.json": json.dumps({"images": [], "annotations": [], "categories": []}).encode(),
@@ -124,10 +125,27 @@ def test_local_folder_is_checked_and_linked(tmp_path):
         fetch_source(SOURCES["refcoco"], tmp_path / "cache", out, local=mine)
 
 
-def test_local_zip_is_extracted(tmp_path):
+def test_local_zip_is_verified_and_extracted(tmp_path):
     archive = make_zip(tmp_path / "refcoco.zip", REFCOCO_FILES)
-    folder = fetch_source(SOURCES["refcoco"], tmp_path / "cache", tmp_path / "raw", local=archive)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    source = with_settings(SOURCES["refcoco"], {"sha256": digest, "size": archive.stat().st_size})
+    folder = fetch_source(source, tmp_path / "cache", tmp_path / "raw", local=archive, progress=False)
     assert (folder / "refs(unc).p").read_bytes() == REFCOCO_FILES["refcoco/refs(unc).p"]
+    assert not (tmp_path / "cache").exists()
+
+
+def test_local_zip_with_wrong_checksum_is_refused(tmp_path):
+    archive = make_zip(tmp_path / "refcoco.zip", REFCOCO_FILES)
+    actual = hashlib.sha256(archive.read_bytes()).hexdigest()
+    expected = SOURCES["refcoco"].sha256
+    with pytest.raises(ValueError, match="not the expected refcoco archive") as caught:
+        fetch_source(with_settings(SOURCES["refcoco"], {"size": None}), tmp_path / "cache", tmp_path / "raw",
+                     local=archive, progress=False)
+    assert str(archive) in str(caught.value) and expected in str(caught.value) and actual in str(caught.value)
+    assert not (tmp_path / "raw").exists()
+    # A repacked copy is accepted once its checks are turned off.
+    unchecked = with_settings(SOURCES["refcoco"], {"sha256": None, "size": None})
+    assert fetch_source(unchecked, tmp_path / "cache", tmp_path / "raw", local=archive, progress=False).is_dir()
 
 
 def test_missing_local_copy_is_named(tmp_path):
@@ -145,5 +163,103 @@ def test_refcoco_zip_served_and_fetched_end_to_end(tmp_path):
             folder = fetch_source(source, tmp_path / "cache", tmp_path / "raw", urls=urls)
         assert len(server.requests) == 2  # one 404, one download
     assert folder == tmp_path / "raw" / "refcoco"
-    assert folder_files(tmp_path / "raw") == sorted(REFCOCO_FILES)
+    assert folder_files(tmp_path / "raw") == sorted([*REFCOCO_FILES, ".refcoco.extracted.json"])
     assert (tmp_path / "cache" / "refcoco.zip").read_bytes() == data
+
+
+def _served_source(tmp_path, members):
+    """A refcoco source whose checks match `members` zipped, and the zip's bytes."""
+    data = make_zip(tmp_path / "served.zip", members).read_bytes()
+    return with_settings(SOURCES["refcoco"], {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}), data
+
+
+def test_second_fetch_does_not_extract_again(tmp_path, monkeypatch):
+    source, data = _served_source(tmp_path, REFCOCO_FILES)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "refcoco.zip").write_bytes(data)  # as left by an earlier download
+    extractions = []
+    real_extract = sources.safe_extract_zip
+
+    def counting_extract(*args, **kwargs):
+        extractions.append(args)
+        return real_extract(*args, **kwargs)
+
+    def fetch():  # the verified zip in the cache means no request reaches the (closed) port
+        return fetch_source(source, tmp_path / "cache", tmp_path / "raw", urls=["http://127.0.0.1:9/unused"],
+                            progress=False)
+
+    monkeypatch.setattr(sources, "safe_extract_zip", counting_extract)
+    folder = fetch()
+    mtime = (folder / "instances.json").stat().st_mtime_ns
+    assert fetch() == folder
+    assert len(extractions) == 1 and (folder / "instances.json").stat().st_mtime_ns == mtime
+    stamp = json.loads((tmp_path / "raw" / ".refcoco.extracted.json").read_text())
+    assert stamp == {"digest": f"sha256:{source.sha256}"}
+
+    (folder / "refs(google).p").unlink()  # the layout check fails: extract again
+    fetch()
+    assert len(extractions) == 2 and (folder / "refs(google).p").is_file()
+    (folder / "refs(unc).p").write_bytes(b"truncated")  # a member with the wrong size: likewise
+    fetch()
+    assert len(extractions) == 3 and (folder / "refs(unc).p").read_bytes() == REFCOCO_FILES["refcoco/refs(unc).p"]
+
+
+def test_changed_archive_is_extracted_again(tmp_path):
+    old, old_data = _served_source(tmp_path, REFCOCO_FILES)
+    new_files = {**REFCOCO_FILES, "refcoco/instances.json": b'{"images": [], "annotations": [], "version": 2}'}
+    new, new_data = _served_source(tmp_path, new_files)
+    with FileServer() as server:
+        server.files["/refcoco.zip"] = old_data
+        folder = fetch_source(old, tmp_path / "cache", tmp_path / "raw", urls=[server.url("/refcoco.zip")],
+                              progress=False)
+        server.files["/refcoco.zip"] = new_data
+        fetch_source(new, tmp_path / "cache", tmp_path / "raw", urls=[server.url("/refcoco.zip")], progress=False)
+    assert (folder / "instances.json").read_bytes() == new_files["refcoco/instances.json"]
+    stamp = json.loads((tmp_path / "raw" / ".refcoco.extracted.json").read_text())
+    assert stamp == {"digest": f"sha256:{new.sha256}"}
+
+
+def test_interrupted_extraction_leaves_no_stamp(tmp_path, monkeypatch):
+    source, data = _served_source(tmp_path, REFCOCO_FILES)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "refcoco.zip").write_bytes(data)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sources, "safe_extract_zip", crash)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_source(source, tmp_path / "cache", tmp_path / "raw", progress=False)
+    assert not (tmp_path / "raw" / ".refcoco.extracted.json").exists()
+    monkeypatch.undo()
+    folder = fetch_source(source, tmp_path / "cache", tmp_path / "raw", progress=False)
+    assert folder_files(folder) == sorted(name.split("/")[1] for name in REFCOCO_FILES)
+
+
+def test_missing_members_names_absent_and_resized_files(tmp_path):
+    archive = make_zip(tmp_path / "a.zip", {"top/a.txt": b"a", "top/b.txt": b"bb"})
+    safe_extract_zip(archive, tmp_path / "out")
+    assert missing_members(archive, tmp_path / "out") == []
+    (tmp_path / "out/top/a.txt").unlink()
+    (tmp_path / "out/top/b.txt").write_bytes(b"b")
+    assert missing_members(archive, tmp_path / "out") == ["top/a.txt", "top/b.txt"]
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"sha": "00"}, r"unknown setting\(s\) \['sha'\]"),
+    ({"sha256": "abc"}, "sha256 must be 64 hex digits"),
+    ({"md5": 5}, "md5 must be 32 hex digits"),
+    ({"urls": []}, "urls must be a non-empty list"),
+    ({"urls": "http://x/a.zip"}, "urls must be a non-empty list"),
+    ({"size": -1}, "size must be a positive number"),
+])
+def test_bad_settings_are_named(settings, message):
+    with pytest.raises(ValueError, match=message):
+        with_settings(SOURCES["refcoco"], settings)
+
+
+def test_settings_override_only_what_they_name():
+    source = with_settings(SOURCES["coco_train2014"], {"urls": ["http://127.0.0.1/a.zip"], "md5": None})
+    assert source.urls == ("http://127.0.0.1/a.zip",) and source.md5 is None
+    assert source.expected_files == SOURCES["coco_train2014"].expected_files
+    assert with_settings(SOURCES["refcoco"], {}) == SOURCES["refcoco"]

@@ -2,12 +2,30 @@
 
 from cmmasksd.data.dataset import RefSegDataset
 from cmmasksd.data.letterbox import LetterboxMeta, letterbox_image, letterbox_mask, unletterbox
-from cmmasksd.data.prepared import PreparedSplit, PrepareReport, clip_tokenizer, prepare_dataset, prepare_split
-from cmmasksd.data.refer import Refer, ReferFormatError, ReferObject, ReferSample
+from cmmasksd.data.prepared import (
+    PreparedSplit,
+    PrepareReport,
+    clip_tokenizer,
+    format_reports,
+    prepare_dataset,
+    prepare_split,
+)
+from cmmasksd.data.refer import (
+    OFFICIAL_COUNTS,
+    CountCheck,
+    Refer,
+    ReferFormatError,
+    ReferObject,
+    ReferSample,
+    check_official_counts,
+    format_count_checks,
+)
 from cmmasksd.data.refshapes import RefShapesConfig, generate_refshapes, refshapes_stats
 from cmmasksd.data.safe_pickle import UnsafePickleError, load_pickle
 
 __all__ = [
+    "OFFICIAL_COUNTS",
+    "CountCheck",
     "LetterboxMeta",
     "PrepareReport",
     "PreparedSplit",
@@ -18,7 +36,10 @@ __all__ = [
     "ReferObject",
     "ReferSample",
     "UnsafePickleError",
+    "check_official_counts",
     "clip_tokenizer",
+    "format_count_checks",
+    "format_reports",
     "generate_refshapes",
     "letterbox_image",
     "letterbox_mask",

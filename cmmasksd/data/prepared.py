@@ -13,28 +13,44 @@ round trip, so the format cannot drift between them. Layout of `<out_dir>/<split
 - `sentences.parquet` (idx, sent_id, object_idx, text)
 - `skipped.json`: the records left out and why
 - `manifest.json`: written last; a split without it is incomplete
+
+COCO-sized splits (17k images, 9 GB at 416 px) are decoded by a pool of worker processes; the
+parent writes their results in order with plain file writes, so memory stays flat whatever the
+split's size. A crash costs at most `flush_every` images: `progress.json` records how far the
+run got, and a run on the same inputs and settings (the manifest's `fingerprint`) continues from
+there, or skips the split altogether once its manifest is written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+import os
+import re
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import open_clip
 import pandas as pd
 from PIL import Image
 from pycocotools import mask as mask_utils
+from tabulate import tabulate
 from tqdm import tqdm
 
 from cmmasksd.data.letterbox import LetterboxMeta, letterbox_image, letterbox_mask
 from cmmasksd.data.refer import Refer, ReferObject
 
 FORMAT_VERSION = 1
+FLUSH_EVERY = 256  # images between progress checkpoints: what a crash can cost
+_IN_FLIGHT_PER_WORKER = 4  # decoded images waiting for the parent, per worker: bounds memory
 
 Tokenizer = Callable[[list[str]], Any]  # texts -> [n, word_len] integer tensor or array
 
@@ -52,6 +68,25 @@ class PrepareReport:
     n_objects: int
     n_sentences: int
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "prepared"  # "prepared", "resumed" (continued an interrupted run) or "up to date"
+    resumed_from: int = 0  # images an interrupted run had done
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        return (f"{self.split}: {self.n_images:,} images, {self.n_objects:,} objects, {self.n_sentences:,} sentences, "
+                f"{len(self.skipped):,} skipped; {self.status} in {self.seconds:.1f} s")
+
+
+def format_reports(reports: Mapping[str, PrepareReport]) -> str:
+    """A table of prepared splits, then how many records were skipped for which kind of reason."""
+    headers = ["split", "images", "objects", "sentences", "skipped", "status", "seconds"]
+    rows = [[r.split, r.n_images, r.n_objects, r.n_sentences, len(r.skipped), r.status, round(r.seconds, 1)]
+            for r in reports.values()]
+    # "bad image: 480x640, ..." and "empty mask (annotation 7)" are counted by kind.
+    kinds = Counter(re.split(r"[:(]", s["reason"])[0].strip() for r in reports.values() for s in r.skipped)
+    lines = [tabulate(rows, headers=headers, tablefmt="github", intfmt=",")]
+    lines += [f"skipped {n:,} x {kind} (see <split>/skipped.json)" for kind, n in kinds.most_common()]
+    return "\n".join(lines)
 
 
 @dataclass
@@ -63,6 +98,41 @@ class _Planned:
     sentences: list[tuple[int, str]]
 
 
+class _ImageTask(NamedTuple):
+    """What a worker needs to decode one image and its objects' masks."""
+
+    path: str
+    height: int
+    width: int
+    size: int
+    rles: list[dict[str, Any]]
+
+
+@dataclass
+class _Progress:
+    """How far a run got through the planned images, and the images that could not be used."""
+
+    fingerprint: str
+    done: int = 0
+    bad: dict[int, str] = field(default_factory=dict)  # planned image index -> reason
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: str) -> _Progress:
+        """The saved progress of a run on the same inputs and settings, else a fresh start."""
+        try:
+            saved = json.loads(path.read_text())
+            if saved["fingerprint"] == fingerprint:
+                return cls(fingerprint, int(saved["done"]), {int(k): str(v) for k, v in saved["bad"].items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return cls(fingerprint)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done, "bad": self.bad}))
+        os.replace(tmp, path)  # a crash leaves the old progress or the new one, never half of one
+
+
 def prepare_split(
     refer: Refer,
     split: str,
@@ -71,61 +141,64 @@ def prepare_split(
     word_len: int,
     tokenizer: Tokenizer | None = None,
     progress: bool = True,
+    workers: int = 1,
+    flush_every: int = FLUSH_EVERY,
 ) -> PrepareReport:
-    """Write `<out_dir>/<split>/`; bad records are skipped and listed in `skipped.json`."""
+    """Write `<out_dir>/<split>/`; bad records are skipped and listed in `skipped.json`.
+
+    `workers` processes decode images (1: in this process). A split already prepared from the
+    same inputs and settings is left as it is; an interrupted one is continued.
+    """
+    started = time.perf_counter()
     if size % 8:
         raise ValueError(f"size must be a multiple of 8 (masks are bit-packed), got {size}")
+    if workers < 1 or flush_every < 1:
+        raise ValueError(f"workers and flush_every must be >= 1, got {workers} and {flush_every}")
     split_dir = Path(out_dir) / split
     split_dir.mkdir(parents=True, exist_ok=True)
-    (split_dir / "manifest.json").unlink(missing_ok=True)  # incomplete until rewritten
     tokenizer = tokenizer or clip_tokenizer(word_len)
+    digests = {"refs": _sha256(refer.refs_path), "instances": _sha256(refer.instances_path)}
+    fingerprint = _fingerprint(refer, split, size, word_len, tokenizer, digests)
+    ready = _up_to_date(split_dir, fingerprint)
+    if ready is not None:
+        ready.seconds = time.perf_counter() - started
+        return ready
+    (split_dir / "manifest.json").unlink(missing_ok=True)  # incomplete until rewritten
 
     by_image, skipped = _plan(refer, split)
     if not by_image:
         raise _nothing_left(split_dir, split, refer, skipped)
-    n_obj = sum(len(objs) for objs in by_image.values())
-    n_sent = sum(len(p.sentences) for objs in by_image.values() for p in objs)
-    images = np.lib.format.open_memmap(split_dir / "images.npy", "w+", np.uint8, (len(by_image), size, size, 3))
-    masks = np.lib.format.open_memmap(split_dir / "masks.npy", "w+", np.uint8, (n_obj, size, size // 8))
-    tokens = np.lib.format.open_memmap(split_dir / "tokens.npy", "w+", np.int32, (n_sent, word_len))
+    plan = list(by_image.values())
+    shapes = {
+        "images": ((len(plan), size, size, 3), np.uint8),
+        "masks": ((sum(len(objs) for objs in plan), size, size // 8), np.uint8),
+        "tokens": ((sum(len(p.sentences) for objs in plan for p in objs), word_len), np.int32),
+    }
+    progress_path = split_dir / "progress.json"
+    state = _Progress.load(progress_path, fingerprint)
+    if state.done and not _arrays_match(split_dir, shapes):
+        state = _Progress(fingerprint)  # the arrays are not those the progress was recorded for
+    resumed_from = state.done
+    if state.done < len(plan):
+        _write_arrays(refer, plan, split_dir, shapes, state, progress_path, tokenizer, word_len, size, workers,
+                      flush_every, progress, split)
 
-    image_rows, object_rows, sentence_rows = [], [], []
-    for planned in tqdm(by_image.values(), desc=f"prepare {split}", unit="img", disable=not progress):
-        first = planned[0].obj
-        path = refer.image_path(first)
-        loaded = _letterboxed(path, first, size)
-        if isinstance(loaded, str):
-            skipped += [_skip(p.obj, None, path, loaded) for p in planned]
-            continue
-        pixels, meta = loaded
-        image_idx = len(image_rows)
-        images[image_idx] = pixels
-        image_rows.append(dict(idx=image_idx, image_id=first.image_id, file_name=first.file_name, height=meta.height,
-                               width=meta.width, scale=meta.scale, pad_x=meta.pad_x, pad_y=meta.pad_y))
-        for p in planned:
-            obj_idx = len(object_rows)
-            masks[obj_idx] = np.packbits(letterbox_mask(mask_utils.decode(p.rle).astype(bool), meta), axis=-1)
-            first_sentence = len(sentence_rows)
-            object_rows.append(dict(idx=obj_idx, ref_id=p.obj.ref_id, ann_id=p.obj.ann_id, image_idx=image_idx,
-                                    category_id=p.obj.category_id, rle_counts=p.rle["counts"],
-                                    first_sentence=first_sentence, n_sentences=len(p.sentences)))
-            tokens[first_sentence : first_sentence + len(p.sentences)] = _tokenize(tokenizer, p.sentences, word_len)
-            sentence_rows += [dict(idx=len(sentence_rows) + k, sent_id=sent_id, object_idx=obj_idx, text=text)
-                              for k, (sent_id, text) in enumerate(p.sentences)]
-
-    if not sentence_rows:
+    image_cols, object_cols, sentence_cols = _tables(plan, state.bad, size)
+    skipped += [_skip(p.obj, None, refer.image_path(p.obj), reason)
+                for i, reason in sorted(state.bad.items()) for p in plan[i]]
+    if not sentence_cols["idx"]:
         raise _nothing_left(split_dir, split, refer, skipped)
-    for array in (images, masks, tokens):
-        array.flush()
-    del images, masks, tokens  # closed before they may be rewritten smaller
-    _truncate(split_dir / "images.npy", len(image_rows))
-    _truncate(split_dir / "masks.npy", len(object_rows))
-    _truncate(split_dir / "tokens.npy", len(sentence_rows))
-    for name, rows in (("images", image_rows), ("objects", object_rows), ("sentences", sentence_rows)):
-        pd.DataFrame(rows).to_parquet(split_dir / f"{name}.parquet", index=False)
+    for table, array, cols in (("images", "images", image_cols), ("objects", "masks", object_cols),
+                               ("sentences", "tokens", sentence_cols)):
+        _truncate(split_dir / f"{array}.npy", len(cols["idx"]))
+        pd.DataFrame(cols).to_parquet(split_dir / f"{table}.parquet", index=False)
     (split_dir / "skipped.json").write_text(json.dumps(skipped, indent=1))
-    report = PrepareReport(split, split_dir, len(image_rows), len(object_rows), len(sentence_rows), skipped)
-    _write_manifest(report, refer, size, word_len, tokenizer)
+    report = PrepareReport(split, split_dir, len(image_cols["idx"]), len(object_cols["idx"]),
+                           len(sentence_cols["idx"]), skipped, "resumed" if resumed_from else "prepared",
+                           resumed_from)
+    _write_manifest(report, refer, size, word_len, tokenizer, fingerprint, digests)
+    progress_path.unlink(missing_ok=True)
+    report.seconds = time.perf_counter() - started
     return report
 
 
@@ -136,10 +209,12 @@ def prepare_dataset(
     word_len: int,
     splits: Sequence[str] | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, PrepareReport]:
     """Prepare several splits (default: all) with one shared tokenizer."""
     tokenizer = clip_tokenizer(word_len)
-    return {s: prepare_split(refer, s, out_dir, size, word_len, tokenizer, progress) for s in splits or refer.splits()}
+    return {s: prepare_split(refer, s, out_dir, size, word_len, tokenizer, progress, workers)
+            for s in splits or refer.splits()}
 
 
 def _plan(refer: Refer, split: str) -> tuple[dict[int, list[_Planned]], list[dict[str, Any]]]:
@@ -161,18 +236,218 @@ def _plan(refer: Refer, split: str) -> tuple[dict[int, list[_Planned]], list[dic
     return by_image, skipped
 
 
-def _letterboxed(path: Path, obj: ReferObject, size: int) -> tuple[np.ndarray, LetterboxMeta] | str:
+def _write_arrays(
+    refer: Refer,
+    plan: list[list[_Planned]],
+    split_dir: Path,
+    shapes: dict[str, tuple[tuple[int, ...], type]],
+    state: _Progress,
+    progress_path: Path,
+    tokenizer: Tokenizer,
+    word_len: int,
+    size: int,
+    workers: int,
+    flush_every: int,
+    progress: bool,
+    split: str,
+) -> None:
+    """Decode the planned images from `state.done` on and write their rows, saving progress as it goes.
+
+    Rows are compact (an unusable image takes none), so where the next one goes follows from the
+    images done and those found bad.
+    """
+    image_row = object_row = sentence_row = 0
+    for i in range(state.done):
+        if i not in state.bad:
+            image_row += 1
+            object_row += len(plan[i])
+            sentence_row += sum(len(p.sentences) for p in plan[i])
+    tasks = (_ImageTask(str(refer.image_path(objs[0].obj)), objs[0].obj.height, objs[0].obj.width, size,
+                        [p.rle for p in objs]) for objs in plan[state.done:])
+    writers = {name: _RowWriter(split_dir / f"{name}.npy", shape, dtype, create=state.done == 0)
+               for name, (shape, dtype) in shapes.items()}
+    bar = tqdm(total=len(plan), initial=state.done, desc=f"prepare {split}", unit="img", disable=not progress)
+
+    def checkpoint() -> None:
+        for writer in writers.values():
+            writer.sync()
+        state.save(progress_path)
+
+    try:
+        with closing(_decoded(tasks, workers)) as results:
+            for i, result in enumerate(results, start=state.done):
+                if isinstance(result, str):
+                    state.bad[i] = result
+                else:
+                    pixels, masks = result
+                    sentences = [sentence for p in plan[i] for sentence in p.sentences]
+                    writers["images"].write(image_row, pixels[None])
+                    writers["masks"].write(object_row, masks)
+                    writers["tokens"].write(sentence_row, _tokenize(tokenizer, sentences, word_len))
+                    image_row += 1
+                    object_row += len(masks)
+                    sentence_row += len(sentences)
+                state.done = i + 1
+                bar.update()
+                if state.done % flush_every == 0:
+                    checkpoint()
+    finally:  # also on Ctrl-C: the next run continues from the last finished image
+        checkpoint()
+        for writer in writers.values():
+            writer.close()
+        bar.close()
+
+
+def _decoded(tasks: Iterable[_ImageTask], workers: int) -> Iterator[tuple[np.ndarray, np.ndarray] | str]:
+    """`_decode` of each task, in order; with workers > 1 in a process pool, a few tasks ahead."""
+    if workers == 1:
+        yield from map(_decode, tasks)
+        return
+    with ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
+        pending: deque[Future] = deque()
+        for task in tasks:
+            pending.append(pool.submit(_decode, task))
+            if len(pending) >= _IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool worker initializer: exit once the parent is gone.
+
+    A parent that is killed cannot shut its pool down, and its idle workers would wait for work
+    forever, holding memory and the pipes of whoever started the parent.
+    """
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _decode(task: _ImageTask) -> tuple[np.ndarray, np.ndarray] | str:
+    """The letterboxed image and its objects' packed letterboxed masks, or why the image is unusable."""
+    loaded = _letterboxed(Path(task.path), task.height, task.width, task.size)
+    if isinstance(loaded, str):
+        return loaded
+    pixels, meta = loaded
+    masks = [np.packbits(letterbox_mask(mask_utils.decode(rle).astype(bool), meta), axis=-1) for rle in task.rles]
+    return pixels, np.stack(masks)
+
+
+def _letterboxed(path: Path, height: int, width: int, size: int) -> tuple[np.ndarray, LetterboxMeta] | str:
     """The letterboxed image, or why it cannot be used."""
     try:
         with Image.open(path) as img:
             img.load()  # decodes everything, so a truncated JPEG fails here
-            if (img.height, img.width) != (obj.height, obj.width):
-                return f"bad image: {img.height}x{img.width}, instances.json says {obj.height}x{obj.width}"
+            if (img.height, img.width) != (height, width):
+                return f"bad image: {img.height}x{img.width}, instances.json says {height}x{width}"
             return letterbox_image(img, size)
     except FileNotFoundError:
         return "missing image file"
     except OSError as err:  # truncated or not an image
         return f"bad image: {err}"
+
+
+class _RowWriter:
+    """Writes rows of an `.npy` file at their place with plain file writes.
+
+    Pages written through a memmap count as this process's resident memory until unmapped;
+    written to the file they are the page cache's, so memory does not grow with the split.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: type, create: bool):
+        if create:  # the header, and a sparse file of the full size
+            created = np.lib.format.open_memmap(path, "w+", dtype, shape)
+            del created  # unmapped: only the file is written from here on
+        existing = np.load(path, mmap_mode="r")
+        self._offset, self._dtype, self._row_shape = existing.offset, existing.dtype, existing.shape[1:]
+        del existing
+        self._row_bytes = int(np.prod(self._row_shape)) * self._dtype.itemsize
+        self._file = path.open("r+b")
+
+    def write(self, row: int, values: np.ndarray) -> None:
+        if values.shape[1:] != self._row_shape:
+            raise ValueError(f"{self._file.name}: rows of shape {values.shape[1:]}, expected {self._row_shape}")
+        self._file.seek(self._offset + row * self._row_bytes)
+        self._file.write(np.ascontiguousarray(values, dtype=self._dtype).data)
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _arrays_match(split_dir: Path, shapes: dict[str, tuple[tuple[int, ...], type]]) -> bool:
+    """Whether the split's arrays have the full planned shapes an interrupted run wrote into."""
+    for name, (shape, dtype) in shapes.items():
+        try:
+            array = np.load(split_dir / f"{name}.npy", mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        if array.shape != shape or array.dtype != dtype:
+            return False
+    return True
+
+
+def _tables(
+    plan: list[list[_Planned]], bad: Mapping[int, str], size: int
+) -> tuple[dict[str, list], dict[str, list], dict[str, list]]:
+    """The images, objects and sentences tables (as columns) of the usable planned images."""
+    images: dict[str, list] = {k: [] for k in ("idx", "image_id", "file_name", "height", "width", "scale", "pad_x",
+                                                "pad_y")}
+    objects: dict[str, list] = {k: [] for k in ("idx", "ref_id", "ann_id", "image_idx", "category_id", "rle_counts",
+                                                 "first_sentence", "n_sentences")}
+    sentences: dict[str, list] = {k: [] for k in ("idx", "sent_id", "object_idx", "text")}
+    for i, objs in enumerate(plan):
+        if i in bad:
+            continue
+        first = objs[0].obj
+        meta = LetterboxMeta.fit(first.height, first.width, size)  # as `letterbox_image` placed it
+        image_idx = len(images["idx"])
+        for key, value in zip(images, (image_idx, first.image_id, first.file_name, meta.height, meta.width,
+                                       meta.scale, meta.pad_x, meta.pad_y)):
+            images[key].append(value)
+        for p in objs:
+            obj_idx = len(objects["idx"])
+            for key, value in zip(objects, (obj_idx, p.obj.ref_id, p.obj.ann_id, image_idx, p.obj.category_id,
+                                            p.rle["counts"], len(sentences["idx"]), len(p.sentences))):
+                objects[key].append(value)
+            for sent_id, text in p.sentences:
+                for key, value in zip(sentences, (len(sentences["idx"]), sent_id, obj_idx, text)):
+                    sentences[key].append(value)
+    return images, objects, sentences
+
+
+def _up_to_date(split_dir: Path, fingerprint: str) -> PrepareReport | None:
+    """The report of a complete split prepared from the same inputs and settings, else None."""
+    try:
+        if json.loads((split_dir / "manifest.json").read_text()).get("fingerprint") != fingerprint:
+            return None
+        split = PreparedSplit(split_dir)
+        skipped = json.loads((split_dir / "skipped.json").read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    (split_dir / "progress.json").unlink(missing_ok=True)
+    return PrepareReport(split.name, split_dir, split.n_images, split.n_objects, split.n_sentences, skipped,
+                         "up to date")
+
+
+def _fingerprint(refer: Refer, split: str, size: int, word_len: int, tokenizer: Tokenizer,
+                 digests: dict[str, str]) -> str:
+    """Identifies what a split is prepared from and how: equal fingerprints, equal outputs."""
+    inputs = {"format_version": FORMAT_VERSION, "split": split, "split_by": refer.split_by, "size": size,
+              "word_len": word_len, "tokenizer": _tokenizer_name(tokenizer), "image_dir": str(refer.image_dir),
+              "digests": digests}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def _tokenizer_name(tokenizer: Tokenizer) -> str:
+    return type(tokenizer).__module__ + "." + type(tokenizer).__qualname__
 
 
 def _nothing_left(split_dir: Path, split: str, refer: Refer, skipped: list[dict[str, Any]]) -> ValueError:
@@ -193,7 +468,7 @@ def _tokenize(tokenizer: Tokenizer, sentences: list[tuple[int, str]], word_len: 
 
 
 def _truncate(path: Path, n: int) -> None:
-    """Rewrite an .npy with only its first `n` rows (rows of unreadable images were left empty)."""
+    """Rewrite an .npy with only its first `n` rows (unusable images left rows unwritten at the end)."""
     old = np.load(path, mmap_mode="r")
     if len(old) == n:
         return
@@ -205,22 +480,24 @@ def _truncate(path: Path, n: int) -> None:
     tmp.replace(path)
 
 
-def _write_manifest(report: PrepareReport, refer: Refer, size: int, word_len: int, tokenizer: Tokenizer) -> None:
+def _write_manifest(report: PrepareReport, refer: Refer, size: int, word_len: int, tokenizer: Tokenizer,
+                    fingerprint: str, digests: dict[str, str]) -> None:
     manifest = {
         "format_version": FORMAT_VERSION,
         "split": report.split,
         "size": size,
         "word_len": word_len,
-        "tokenizer": type(tokenizer).__module__ + "." + type(tokenizer).__qualname__,
+        "tokenizer": _tokenizer_name(tokenizer),
         "counts": {"images": report.n_images, "objects": report.n_objects, "sentences": report.n_sentences,
                    "skipped": len(report.skipped)},
         "source": {
             "root": str(refer.root),
             "split_by": refer.split_by,
             "image_dir": str(refer.image_dir),
-            "refs": {"path": str(refer.refs_path), "sha256": _sha256(refer.refs_path)},
-            "instances": {"path": str(refer.instances_path), "sha256": _sha256(refer.instances_path)},
+            "refs": {"path": str(refer.refs_path), "sha256": digests["refs"]},
+            "instances": {"path": str(refer.instances_path), "sha256": digests["instances"]},
         },
+        "fingerprint": fingerprint,
     }
     (report.split_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
 

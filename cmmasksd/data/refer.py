@@ -9,12 +9,14 @@ inside training.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from tabulate import tabulate
 
 from cmmasksd.data.safe_pickle import load_pickle
 
@@ -54,6 +56,65 @@ class ReferSample:
     split: str
 
 
+COUNT_KINDS = ("refs", "images", "expressions")
+
+
+def _counts(refs: int, images: int, expressions: int | None) -> dict[str, int | None]:
+    return dict(zip(COUNT_KINDS, (refs, images, expressions)))
+
+
+# shared/spec/data.md, "Split sizes", per (dataset, split_by); None: not published.
+OFFICIAL_COUNTS: dict[tuple[str, str], dict[str, dict[str, int | None]]] = {
+    ("refcoco", "unc"): {"train": _counts(42_404, 16_994, 120_624), "val": _counts(3_811, 1_500, 10_834),
+                         "testA": _counts(1_975, 750, 5_657), "testB": _counts(1_810, 750, 5_095)},
+    ("refcoco+", "unc"): {"train": _counts(42_278, 16_992, 120_191), "val": _counts(3_805, 1_500, 10_758),
+                          "testA": _counts(1_975, 750, 5_726), "testB": _counts(1_798, 750, 4_889)},
+    ("refcocog", "umd"): {"train": _counts(42_226, 21_899, 80_512), "val": _counts(2_573, 1_300, 4_896),
+                          "test": _counts(5_023, 2_600, 9_602)},
+    ("refcocog", "google"): {"train": _counts(44_822, 24_698, None), "val": _counts(5_000, 4_650, None)},
+}
+
+
+@dataclass(frozen=True)
+class CountCheck:
+    """One split's counts against the published ones; a missing split counts zero."""
+
+    split: str
+    found: dict[str, int]
+    official: dict[str, int | None]
+
+    @property
+    def ok(self) -> bool:
+        return all(want is None or self.found.get(kind, 0) == want for kind, want in self.official.items())
+
+
+def check_official_counts(
+    found: Mapping[str, Mapping[str, int]], official: Mapping[str, Mapping[str, int | None]]
+) -> list[CountCheck]:
+    """Compare per-split counts (`Refer.split_counts()`) with `OFFICIAL_COUNTS[...]`.
+
+    Every official split gets a row, and so does any split the files have beyond them (which is
+    a mismatch: its official counts are taken as zero).
+    """
+    splits = list(official) + [split for split in found if split not in official]
+    return [
+        CountCheck(split, {kind: int(found.get(split, {}).get(kind, 0)) for kind in COUNT_KINDS},
+                   dict(official.get(split, dict.fromkeys(COUNT_KINDS, 0))))
+        for split in splits
+    ]
+
+
+def format_count_checks(checks: list[CountCheck]) -> str:
+    """A table: found / official per count, and OK or MISMATCH per split."""
+    def cell(check: CountCheck, kind: str) -> str:
+        want = check.official.get(kind)
+        return f"{check.found[kind]:,} / {'-' if want is None else f'{want:,}'}"
+
+    rows = [[c.split, *(cell(c, kind) for kind in COUNT_KINDS), "OK" if c.ok else "MISMATCH"] for c in checks]
+    headers = ["split", *(f"{kind} (found / official)" for kind in COUNT_KINDS), "status"]
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
 _REF_KEYS = ("ref_id", "ann_id", "image_id", "category_id", "split", "sentences")
 _IMAGE_KEYS = ("id", "file_name", "height", "width")
 _ANN_KEYS = ("id", "image_id", "segmentation")
@@ -83,6 +144,14 @@ class Refer:
         if split not in self._splits:
             raise KeyError(f"{self.refs_path}: no split {split!r}; found {self._splits}")
         return [obj for obj in self._objects if obj.split == split]
+
+    def split_counts(self) -> dict[str, dict[str, int]]:
+        """Refs, images and expressions per split, as the files hold them (cf. `OFFICIAL_COUNTS`)."""
+        return {
+            split: _counts(len(objects), len({o.image_id for o in objects}), sum(len(o.sentences) for o in objects))
+            for split in self._splits
+            for objects in [self.objects(split)]
+        }
 
     def samples(self, split: str) -> list[ReferSample]:
         """One sample per (object, expression), in file order."""

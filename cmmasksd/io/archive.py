@@ -13,18 +13,21 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from tqdm import tqdm
+
 
 class UnsafeArchiveError(ValueError):
     """A zip member could write outside the extraction folder."""
 
 
-def safe_extract_zip(zip_path: Path, target: Path) -> list[Path]:
+def safe_extract_zip(zip_path: Path, target: Path, progress: bool = False) -> list[Path]:
     """Extract every member of `zip_path` under `target` and return the extracted files.
 
     All members are checked before anything is written; they are extracted into a temporary
     sibling of `target` and only then moved into place with `os.replace` (a new top-level folder
     in one step, an existing one file by file), so a crash never leaves a partly written file.
-    Existing files are replaced, which makes a repeated call harmless.
+    Existing files are replaced, which makes a repeated call harmless. `progress` shows a bar
+    of extracted bytes (COCO train2014 is 13 GB).
     """
     zip_path, target = Path(zip_path), Path(target)
     root = target.resolve()
@@ -35,12 +38,38 @@ def safe_extract_zip(zip_path: Path, target: Path) -> list[Path]:
         target.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".extracting", dir=root.parent))
         try:
-            archive.extractall(staging)
+            with tqdm(total=sum(info.file_size for info in members), unit="B", unit_scale=True,
+                      unit_divisor=1024, desc=f"extract {zip_path.name}", disable=not progress) as bar:
+                for info in members:
+                    archive.extract(info, staging)
+                    bar.update(info.file_size)
             for entry in staging.iterdir():
                 _move_into(entry, target / entry.name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return [target / info.filename for info in members if not info.is_dir()]
+
+
+def missing_members(zip_path: Path, target: Path) -> list[str]:
+    """The members of `zip_path` that are not under `target` with their size: an incomplete extraction.
+
+    Reads only the zip's directory and stats the files (seconds for COCO's 82,783 images),
+    so an earlier extraction can be trusted without unpacking 13 GB again.
+    """
+    target = Path(target)
+    with zipfile.ZipFile(zip_path) as archive:
+        return [
+            info.filename
+            for info in archive.infolist()
+            if not info.is_dir() and not _has_size(target / info.filename, info.file_size)
+        ]
+
+
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
 
 
 def verify_layout(folder: Path, expected: list[str]) -> None:

@@ -74,7 +74,7 @@ def download(
     `backoff * 2**k` seconds between them.
     """
     dest = Path(dest)
-    if dest.is_file() and _mismatch(dest, sha256, md5, size) is None:
+    if dest.is_file() and file_mismatch(dest, sha256, md5, size) is None:
         return dest
     if not urls:
         raise ValueError(f"no URL given to download {dest}")
@@ -122,7 +122,7 @@ def _download_from(
         except (_Transient, *_TRANSIENT) as err:
             last = f"{type(err).__name__}: {err}"
             continue
-        why = _mismatch(part, sha256, md5, size)
+        why = file_mismatch(part, sha256, md5, size)
         if why is None:
             return
         part.unlink()
@@ -173,8 +173,11 @@ def _fetch_once(
         raise _Transient(f"truncated body: got {got} of {total} bytes")
 
 
-def _mismatch(path: Path, sha256: str | None, md5: str | None, size: int | None) -> str | None:
-    """Why `path` is not the expected file, or None when it is (digests are streamed, not loaded)."""
+def file_mismatch(path: Path, sha256: str | None, md5: str | None, size: int | None) -> str | None:
+    """Why `path` is not the expected file, naming both digests, or None when it is.
+
+    Digests are streamed, not loaded: a 13 GB zip costs time, not memory.
+    """
     actual_size = path.stat().st_size
     if size is not None and actual_size != size:
         return f"size mismatch for {path.name}: expected {size} bytes, got {actual_size}"
