@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,6 +398,18 @@ def _save_note(path: Path, note: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def copy_overlays(client: MlflowClient, trials: pd.DataFrame, variant: str | None, path: Path) -> None:
+    """The val prediction overlays (ground truth vs prediction) of one variant's first seed, as logged
+    by its trial; a note when the variant or its figure is missing."""
+    runs = trials[trials["variant"] == variant].sort_values("seed") if variant else trials.iloc[:0]
+    for run_id in runs["run_id"]:
+        if any(a.path == "figures/overlays_val.png" for a in client.list_artifacts(run_id, "figures")):
+            with tempfile.TemporaryDirectory() as tmp:
+                shutil.copyfile(client.download_artifacts(run_id, "figures/overlays_val.png", tmp), path)
+            return
+    _save_note(path, f"No prediction overlays logged for {variant or 'this variant'}.")
+
+
 def plot_heatmap(table: pd.DataFrame, rows: str, cols: str, path: Path, title: str) -> None:
     """Val mIoU over a grid, every cell annotated, the best one starred and outlined."""
     miou = table[table["metric"] == "miou"]
@@ -620,6 +633,9 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
     if sections:
         best_name, best = best_variant(trials, n_boot, seed)
         header.append(f"Best variant on val mIoU: `{best_name}`.")
+    header.append("Figures: `heatmap_mask_ratio.png`, `heatmap_lambda.png`, `learning_curves.png`, and val "
+                  "predictions (green: ground truth, red: prediction) of the baseline (`overlays_baseline.png`) "
+                  "and the best variant (`overlays_best.png`).")
     legend_text = legend(n_boot, seed, _splits(trials))
     markdown = render_markdown(sections, header, baseline_name, missing, legend_text)
     ours = {label: name for label, name in (("CRIS baseline", baseline_name), ("best variant", best_name)) if name}
@@ -642,6 +658,8 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
     branches = by_name.get("branches_val", empty)
     highlight = dict(zip(branches["variant"], branches["row"]))
     plot_learning_curves(load_curves(tracking_uri, trials["run_id"]), trials, highlight, out / "learning_curves.png")
+    copy_overlays(client, trials, baseline_name, out / "overlays_baseline.png")
+    copy_overlays(client, trials, best_name, out / "overlays_best.png")
 
     base_row = branches[branches["variant"] == baseline_name] if baseline_name else None
     metrics = _metrics(len(trials), len(missing), base_row, best)

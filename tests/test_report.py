@@ -19,7 +19,7 @@ from mlflow.entities import Metric, Param
 
 from cmmasksd.config import MaskSDConfig
 from cmmasksd.metrics import summarize
-from pipeline.report import branch_table, grid_table, load_trials, main, published_table
+from pipeline.report import branch_table, copy_overlays, grid_table, load_trials, main, published_table
 
 N_EXPR = 200
 UNION = 1000
@@ -227,3 +227,18 @@ def test_published_numbers_sit_beside_ours_on_real_datasets_only(report):
     assert list(published_table("refcocog", ours).columns) == ["row", "val", "test"]
     assert published_table("refshapes", ours) is None
     assert "Published numbers" not in (report.out / "ablation.md").read_text()  # the fixture is RefShapes
+
+
+def test_overlays_of_a_variant_are_copied_from_its_first_seed(report, tmp_path):
+    client = MlflowClient(report.uri)
+    trials = load_trials(report.uri, report.parent_id)
+    cris = trials[trials["variant"] == "cris"].sort_values("seed")
+    figure = tmp_path / "overlays_val.png"
+    figure.write_bytes((report.out / "learning_curves.png").read_bytes())  # any real PNG
+    client.log_artifact(cris["run_id"].iloc[0], str(figure), artifact_path="figures")
+
+    copy_overlays(client, trials, "cris", tmp_path / "baseline.png")
+    assert (tmp_path / "baseline.png").read_bytes() == figure.read_bytes()
+    copy_overlays(client, trials, "lmvsd", tmp_path / "lmvsd.png")  # logged no figure: a note says so
+    note = (tmp_path / "lmvsd.png").read_bytes()
+    assert note[:8] == b"\x89PNG\r\n\x1a\n" and note != figure.read_bytes()
