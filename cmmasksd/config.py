@@ -118,15 +118,13 @@ class TrainConfig(_Strict):
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML config (a path or a shipped profile name); `model:` may name a registered model config or give fields inline.
+    """Read a YAML config (a path or a shipped profile name); `model:` may name a registered model
+    config or give fields inline.
 
     `overrides` are dotted keys (``{"masksd.lambda_v": 0.5}``) applied after the file, which is
     how sweeps and the CLI's ``--set`` change one value without copying a file.
     """
-    raw = read_profile(path)
-    for key, value in (overrides or {}).items():
-        set_dotted(raw, key, value)
-    return build_config(raw)
+    return build_config(apply_overrides(read_profile(path), overrides or {}))
 
 
 PROFILE_DIR = Path(__file__).parent / "train_configs"
@@ -186,16 +184,12 @@ def build_config(raw: dict[str, Any]) -> TrainConfig:
     return TrainConfig.model_validate(raw)
 
 
-def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
-    """Set ``tree["a"]["b"] = value`` for ``"a.b"``, creating sections on the way."""
-    *parents, leaf = dotted_key.split(".")
-    node = tree
-    for part in parents:
-        child = node.get(part)
-        if child is None:
-            child = {}
-        elif isinstance(child, str) and part == "model":  # a named model config, then a field
-            child = {"name": child}
-        node[part] = child
-        node = child
-    node[leaf] = value
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with dotted overrides (``{"optim.lr": 1e-3}``) merged in (a new dict; `tree` is unchanged)."""
+    for dotted_key, value in overrides.items():
+        *parents, leaf = dotted_key.split(".")
+        nested: dict[str, Any] = {leaf: value}
+        for part in reversed(parents):
+            nested = {part: nested}
+        tree = deep_merge(tree, nested)
+    return tree

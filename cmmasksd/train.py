@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cmmasksd.config import TrainConfig
+from cmmasksd.config import MaskSDConfig, TrainConfig
 from cmmasksd.data import PreparedSplit, RefSegDataset
 from cmmasksd.evaluate import SplitEvaluation, evaluate_split
-from cmmasksd.model import CMMaskSD, create_model, parameter_report
+from cmmasksd.model import CMMaskSD, create_model
 from cmmasksd.visualize import save_learning_curves, save_prediction_overlays
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,10 @@ def _save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -242,8 +246,11 @@ def _finish(config, model, splits, history, best_epoch, best_val, step_times, de
         tables[name] = out_dir / f"per_expression_{name}.csv"
         evaluation.per_expression.to_csv(tables[name], index=False)
 
-    baseline = parameter_report(config.model)["baseline"]
-    total = sum(p.numel() for p in model.parameters())
+    total = _count_parameters(model)
+    baseline = total
+    if config.masksd.branches != "none":  # the same model without mask tokens, built only to be counted
+        no_weights = config.model.model_copy(update={"pretrained": None})
+        baseline = _count_parameters(create_model(no_weights, MaskSDConfig(branches="none")))
     cost = {
         "step_time_s": (sum(step_times) / len(step_times)) if step_times else float("nan"),
         "peak_mem_mb": _peak_memory_mb(device),

@@ -401,8 +401,8 @@ def _save_note(path: Path, note: str) -> None:
 def copy_overlays(client: MlflowClient, trials: pd.DataFrame, variant: str | None, path: Path) -> None:
     """The val prediction overlays (ground truth vs prediction) of one variant's first seed, as logged
     by its trial; a note when the variant or its figure is missing."""
-    runs = trials[trials["variant"] == variant].sort_values("seed") if variant else trials.iloc[:0]
-    for run_id in runs["run_id"]:
+    seeds = trials[trials["variant"] == variant].sort_values("seed") if variant else []
+    for run_id in getattr(seeds, "run_id", []):
         if any(a.path == "figures/overlays_val.png" for a in client.list_artifacts(run_id, "figures")):
             with tempfile.TemporaryDirectory() as tmp:
                 shutil.copyfile(client.download_artifacts(run_id, "figures/overlays_val.png", tmp), path)

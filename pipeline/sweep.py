@@ -94,15 +94,11 @@ def base_config(params: dict[str, Any]) -> dict[str, Any]:
 
 def trial_config(base: dict[str, Any], overrides: dict[str, Any], prepared_dir: Path, out_dir: Path,
                  threads: int) -> dict[str, Any]:
-    from cmmasksd.config import set_dotted
+    """The raw config of one trial: the base, where it runs (`threads` = what it reserved), its overrides."""
+    from cmmasksd.config import apply_overrides
 
-    raw = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain data
-    raw.setdefault("data", {})["prepared_dir"] = str(prepared_dir)
-    raw["out_dir"] = str(out_dir)
-    raw["threads"] = threads  # what the trial reserved: sweep.resources.cpu
-    for key, value in overrides.items():
-        set_dotted(raw, key, value)
-    return raw
+    placed = {"data.prepared_dir": str(prepared_dir), "out_dir": str(out_dir), "threads": threads}
+    return apply_overrides(base, {**placed, **overrides})
 
 
 def run_trial(spec: dict[str, Any]) -> None:
@@ -173,14 +169,20 @@ def init_ray(address: str | None) -> None:
     log.info("Ray cluster at %s (%s)", context.address_info["gcs_address"], "given" if address else "started here")
 
 
+def trainable(sweep: dict[str, Any]):
+    """`run_trial` reserving `sweep.resources` per trial (fractional GPUs allowed)."""
+    from ray import tune
+
+    resources = sweep["resources"]
+    return tune.with_resources(run_trial, {"cpu": float(resources.get("cpu", 1)), "gpu": float(resources.get("gpu", 0))})
+
+
 def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], params: dict[str, Any], exp_name: str,
                 storage: Path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     sweep = section(params, "sweep")
-    resources = {"cpu": float(sweep["resources"].get("cpu", 1)), "gpu": float(sweep["resources"].get("gpu", 0))}
-    trainable = tune.with_resources(run_trial, resources)
     scheduler = None
     asha = sweep.get("asha") or {}
     if asha.get("enabled"):
@@ -188,7 +190,7 @@ def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], params:
                                   grace_period=int(asha.get("grace_period", 1)),
                                   reduction_factor=float(asha.get("reduction_factor", 2)))
     return tune.Tuner(
-        trainable,
+        trainable(sweep),
         param_space={**spec_base, "trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
                                     max_concurrent_trials=int(sweep.get("max_concurrent", 1))),
@@ -238,9 +240,8 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     }
     init_ray(section(params, "ray", "address"))
     if tune.Tuner.can_restore(str(exp_path)):
-        tuner = tune.Tuner.restore(str(exp_path), trainable=tune.with_resources(
-            run_trial, {"cpu": float(sweep["resources"].get("cpu", 1)), "gpu": float(sweep["resources"].get("gpu", 0))}),
-            resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable(sweep), resume_unfinished=True,
+                                   resume_errored=True)
     else:
         tuner = build_tuner(spec_base, trials, params, exp_name, storage)
     results = tuner.fit()
