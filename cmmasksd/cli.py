@@ -9,17 +9,30 @@ import sys
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
-    """`key.sub=value` pairs; values are parsed as YAML so numbers and booleans keep their type."""
+    """`key.sub=value` pairs; values are parsed as (safe) YAML so numbers and booleans keep their type."""
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"--set {key}: {value!r} is not a plain YAML value ({reason})") from err
     return overrides
+
+
+def _one_line(err: Exception) -> str:
+    """The message a user sees, on one line: pydantic's report as `field: problem; ...`, others joined."""
+    if isinstance(err, ValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
+        return f"invalid config: {problems}"
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def cmd_refshapes(args) -> None:
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from err
 
 

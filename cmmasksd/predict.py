@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import pickle
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from cmmasksd.config import TrainConfig
 from cmmasksd.data import clip_tokenizer, letterbox_image, unletterbox
 from cmmasksd.evaluate import upsampled_probabilities
 from cmmasksd.model import CMMaskSD, create_model
+
+
+NOT_A_CHECKPOINT = "not a cmmasksd checkpoint (expected a best.pt written by `cmmasksd train`)"
 
 
 @dataclass
@@ -25,21 +33,87 @@ class LoadedModel:
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
-    """Rebuild the model from the config stored in a `best.pt`/`last.pt` and load its weights."""
+    """Rebuild the model from the config stored in a `best.pt` and load its weights.
+
+    Anything else (a file torch refuses with weights_only=True, another program's file, a
+    resume `last.pt`, weights of another architecture) is a one-line ValueError naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    device = torch.device(device)
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = _load_state(path)
     if "config" not in state and "fingerprint" in state:
         raise ValueError(f"{path}: a resume checkpoint without the run config; use best.pt from the same folder")
-    config = TrainConfig.model_validate(state["config"])
-    # the checkpoint holds every weight: build without fetching pretrained CLIP weights first
-    model = create_model(config.model.model_copy(update={"pretrained": None}), config.masksd)
+    missing = sorted({"config", "model", "info"} - set(state))
+    if missing or not isinstance(state["model"], dict):
+        raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; it has no {', '.join(missing) or 'state_dict under model'}")
+    try:
+        config = TrainConfig.model_validate(state["config"])
+    except ValidationError as err:
+        first, more = err.errors()[0], err.error_count() - 1
+        where = ".".join(str(part) for part in first["loc"]) or "config"
+        raise ValueError(f"{path}: its config is not valid: {where}: {first['msg']}"
+                         + (f" (and {more} more problems)" if more else "")) from err
+    try:
+        # The checkpoint holds every weight: no pretrained CLIP weights are fetched. Quiet, as
+        # open_clip logs each build step and warns that no pretrained weights were loaded.
+        with _quiet_logging():
+            model = create_model(config.model.model_copy(update={"pretrained": None}), config.masksd)
+    except (RuntimeError, TypeError, ValueError) as err:  # e.g. a CLIP name this open_clip does not know
+        raise ValueError(f"{path}: cannot build the model its config describes: {_first_sentence(err)}") from err
+    _check_weights(path, model, state["model"])
     model.load_state_dict(state["model"])
+    device = torch.device(device)
     model.to(device).eval()
     info = state["info"]
     return LoadedModel(model, config, int(info["input_size"]), int(info["word_len"]), device)
+
+
+def _load_state(path: Path) -> dict:
+    """torch.load with weights_only=True, so nothing in the file runs; errors cut to their reason.
+
+    torch wraps the unpickler's reason in advice to retry with weights_only off, which would
+    let the file run code: that advice is not passed on.
+    """
+    try:
+        with warnings.catch_warnings():  # e.g. about the pickle protocol: noise before the real error
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file: corrupt, foreign, or refused by the safe unpickler
+        cause = err.__context__ if isinstance(err, pickle.UnpicklingError) and err.__context__ else err
+        raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; torch.load(weights_only=True) failed: "
+                         f"{_first_sentence(cause)}") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; it holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def _check_weights(path: Path, model: CMMaskSD, weights: dict) -> None:
+    """A mismatch as counts: load_state_dict would list every key of another architecture."""
+    expected = model.state_dict()
+    missing = expected.keys() - weights.keys()
+    unexpected = weights.keys() - expected.keys()
+    reshaped = {k for k in expected.keys() & weights.keys() if getattr(weights[k], "shape", None) != expected[k].shape}
+    if missing or unexpected or reshaped:
+        example = min(missing or unexpected or reshaped)
+        raise ValueError(f"{path}: its weights do not fit the model its config describes: {len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(reshaped)} of another shape (e.g. {example})")
+
+
+def _first_sentence(err: BaseException) -> str:
+    """torch's and open_clip's messages run on (advice, every model name): the reason comes first."""
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+
+
+@contextmanager
+def _quiet_logging():
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 @torch.no_grad()

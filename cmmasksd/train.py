@@ -85,7 +85,8 @@ def open_splits(config: TrainConfig) -> dict[str, PreparedSplit]:
 
 
 def build_optimizer(model: CMMaskSD, config: TrainConfig) -> torch.optim.Optimizer:
-    """Two groups: the CLIP towers at `backbone_lr`, everything new (neck, decoder, head, mask tokens) at `lr`."""
+    """Two groups as CRIS: CLIP at `backbone_lr`; its positional embeddings and everything new
+    (neck, decoder, head, mask tokens) at `lr`."""
     opt = config.optim
     backbone, rest = model.param_groups()
     groups = [{"params": backbone, "lr": opt.backbone_lr}, {"params": rest, "lr": opt.lr}]

@@ -320,7 +320,8 @@ def test_param_groups_split_clip_from_the_rest(tiny_cris):
         assert id(model.masked_net.backbone.text_mask_token) in ids_r
         assert id(model.seg.backbone.pool_residual[0].weight) in ids_r
         nets = [model.seg] if model.student is None else [model.seg, model.student]
-        assert ids_b == {id(p) for net in nets for p in net.backbone.clip.parameters()}
+        assert ids_b == {id(p) for net in nets for n, p in net.backbone.clip.named_parameters()
+                         if "positional_embedding" not in n}  # as CRIS: see test_optimizer.py
 
 
 @pytest.mark.parametrize("name,extra_names", [

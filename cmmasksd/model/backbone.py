@@ -138,8 +138,11 @@ class ClipBackbone(nn.Module):
         return nn.Parameter(torch.randn(dim) * _MASK_TOKEN_STD)
 
     def clip_parameters(self) -> list[nn.Parameter]:
-        """The pretrained CLIP weights (trained at the backbone learning rate)."""
-        return list(self.clip.parameters())
+        """The CLIP weights trained at the backbone learning rate: all but the positional embeddings.
+
+        CRIS's `build_segmenter` trains those (image and text) at the new layers' rate.
+        """
+        return [p for name, p in self.clip.named_parameters() if "positional_embedding" not in name]
 
     # ---- image -------------------------------------------------------------------------------
 

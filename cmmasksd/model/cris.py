@@ -192,7 +192,13 @@ class CRIS(nn.Module):
         return self.decode(self.encode_image(images), self.encode_text(tokens))
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(CLIP weights, everything else): neck, decoder, head, CRIS's pool residual, mask tokens."""
+        """(CLIP weights, everything else), as CRIS's `build_segmenter`.
+
+        Everything else: neck, decoder, head, CRIS's pool residual, mask tokens, and CLIP's
+        positional embeddings (CRIS trains them at the new layers' rate). One difference, on
+        purpose: CRIS's pool residual (`connect`) sits inside its backbone and so trains at the
+        backbone rate although it starts from random weights; ours is a new layer at `lr`.
+        """
         backbone = self.backbone.clip_parameters()
         ids = {id(p) for p in backbone}
         return backbone, [p for p in self.parameters() if id(p) not in ids]

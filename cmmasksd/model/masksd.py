@@ -82,7 +82,7 @@ class CMMaskSD(nn.Module):
         return self.seg(images, tokens)
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(CLIP weights, everything else) over the main network and, if separate, the student."""
+        """`CRIS.param_groups` over the main network and, if separate, the student."""
         nets = [self.seg] if self.student is None else [self.seg, self.student]
         groups = [net.param_groups() for net in nets]
         return [p for g in groups for p in g[0]], [p for g in groups for p in g[1]]
