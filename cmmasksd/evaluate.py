@@ -22,7 +22,7 @@ from cmmasksd.metrics import intersection_union, ious, summarize
 class SplitEvaluation:
     split: str
     metrics: dict[str, float]
-    per_expression: pd.DataFrame  # sentence_idx, sent_id, ref_id, object_idx, inter, union, iou
+    per_expression: pd.DataFrame  # sentence_idx, sent_id, ref_id, object_idx, image_id, inter, union, iou
 
 
 def upsampled_probabilities(logits: torch.Tensor, size: int) -> torch.Tensor:
@@ -48,6 +48,7 @@ def evaluate_split(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     objects = split.objects
     sentences = split.sentences
+    image_ids = split.images["image_id"].to_numpy()  # expressions cluster by image: the statistics resample images
     model.eval()
     rows = []
     for batch in tqdm(loader, desc=f"eval {split.name}", disable=not progress, leave=False):
@@ -63,6 +64,7 @@ def evaluate_split(
                     "sent_id": int(sentences.at[sent_idx, "sent_id"]),
                     "ref_id": int(objects.at[obj_idx, "ref_id"]),
                     "object_idx": obj_idx,
+                    "image_id": int(image_ids[image_idx]),
                     "inter": inter,
                     "union": union,
                 }

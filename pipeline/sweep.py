@@ -5,7 +5,9 @@
 The grid comes from `params.yaml` (`sweep.variants` x `sweep.seeds`, plus the CRIS baseline).
 Every trial checkpoints each epoch through Tune; a failed trial is retried from its last
 checkpoint (`sweep.max_failures`), and rerunning an interrupted sweep restores it
-(`Tuner.restore`) so finished trials are not trained again. Ray's storage lives outside the DVC
+(`Tuner.restore`) so finished trials are not trained again. The Ray experiment is named after a
+hash of everything that can change a result (code, resolved base config, grid, data: see
+`pipeline.identity`), so a changed input trains a new experiment instead of restoring stale trials. Ray's storage lives outside the DVC
 outputs (`ray.storage`); the stage writes `sweep/trials.csv`, `sweep/sweep.json` (the MLflow
 parent run) and `sweep/best_config.yaml`.
 """
@@ -13,7 +15,6 @@ parent run) and `sweep/best_config.yaml`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -25,10 +26,14 @@ import pandas as pd
 import yaml
 
 from pipeline.common import REPO_ROOT, load_params, repo_path, section, setup_logging
+from pipeline.identity import code_digest, data_digest, git_state, sweep_fingerprint
 from pipeline.tracking import (
+    CODE_DIGEST,
+    GIT_COMMIT,
+    GIT_DIRTY,
     TrialRun,
+    dataset_input,
     ensure_experiment,
-    git_commit,
     resolve_tracking_uri,
     start_sweep_run,
 )
@@ -44,44 +49,55 @@ OUT_DIR = Path("sweep")
 METRIC = "val/miou"
 
 
-def variant_name(overrides: dict[str, Any]) -> str:
-    """A short readable name: `both r_v=0.25 r_t=0.15`; the baseline is `cris`."""
-    if overrides.get("masksd.branches") == "none":
-        return "cris"
-    parts = [str(overrides.get("masksd.branches", "both"))]
-    short = {"masksd.mask_ratio_v": "r_v", "masksd.mask_ratio_t": "r_t", "masksd.lambda_v": "l_v",
-             "masksd.lambda_t": "l_t"}
+SHORT_KEYS = {"masksd.mask_ratio_v": "r_v", "masksd.mask_ratio_t": "r_t", "masksd.lambda_v": "l_v",
+              "masksd.lambda_t": "l_t"}
+
+
+def variant_name(overrides: dict[str, Any], base_branches: str = "both") -> str:
+    """A readable name that shows every override: `both r_v=0.25 r_t=0.15`, `cris optim.lr=0.001`.
+
+    It starts with the branches (`cris` for none, else the branches the variant trains) and names
+    every other key that differs from the base config, so two different variants never share a name.
+    """
+    branches = str(overrides.get("masksd.branches", base_branches))
+    parts = ["cris" if branches == "none" else branches]
     for key, value in overrides.items():
-        if key != "masksd.branches":
-            parts.append(f"{short.get(key, key.removeprefix('masksd.'))}={value}")
+        if key not in ("masksd.branches", "seed"):
+            parts.append(f"{SHORT_KEYS.get(key, key.removeprefix('masksd.'))}={value}")
     return " ".join(parts)
+
+
+def variant_key(overrides: dict[str, Any]) -> str:
+    """The identity of a variant: its overrides without the seed, as canonical JSON."""
+    return json.dumps({k: v for k, v in overrides.items() if k != "seed"}, sort_keys=True)
 
 
 # Relative cost of a training step by branches (measured: both ~2x, one branch ~1.4-1.6x a CRIS step).
 _STEP_COST = {"both": 3, "lmvsd": 2, "vmlsd": 2, "none": 1}
 
 
-def expand_grid(sweep: dict[str, Any]) -> list[dict[str, Any]]:
-    """The trials: (variants + the CRIS baseline) x seeds; each a dict of dotted overrides plus its name.
+def expand_grid(sweep: dict[str, Any], base_branches: str = "both") -> list[dict[str, Any]]:
+    """The trials: (variants + the CRIS baseline) x seeds; each its name, variant key and dotted overrides.
 
     Tune starts trials in list order, so the costliest go first (by `masksd.branches`) and the cheap
     baseline last: every slot stays busy until the end instead of one long trial running alone.
+    A variant written twice is an error (its seeds would be counted twice).
     """
     variants = [dict(v) for v in sweep.get("variants") or [] if dict(v) != BASELINE] + [BASELINE]
-    variants.sort(key=lambda v: -_STEP_COST.get(str(v.get("masksd.branches", "both")), 3))
+    names: dict[str, dict] = {}
+    for variant in variants:
+        if "seed" in variant:
+            raise ValueError(f"params.yaml: sweep.variants: {variant} sets `seed`; list seeds in `sweep.seeds`")
+        name = variant_name(variant, base_branches)
+        if name in names:
+            raise ValueError(f"params.yaml: sweep.variants lists the variant `{name}` twice ({names[name]} and {variant})")
+        names[name] = variant
+    variants.sort(key=lambda v: -_STEP_COST.get(str(v.get("masksd.branches", base_branches)), 3))
     return [
-        {"name": variant_name(v), "overrides": {**v, "seed": int(seed)}}
+        {"name": variant_name(v, base_branches), "key": variant_key(v), "overrides": {**v, "seed": int(seed)}}
         for v in variants
         for seed in sweep.get("seeds") or [0]
     ]
-
-
-def sweep_fingerprint(base: dict[str, Any], sweep: dict[str, Any], data_hash: str) -> str:
-    """Hash of what defines the trials (base config, grid, data): a change starts a new Ray experiment,
-    an unchanged sweep resumes the old one."""
-    sweep = {k: v for k, v in sweep.items() if k != "max_concurrent"}
-    keys = {"train": base, "sweep": sweep, "data": data_hash}
-    return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def base_config(params: dict[str, Any]) -> dict[str, Any]:
@@ -90,6 +106,19 @@ def base_config(params: dict[str, Any]) -> dict[str, Any]:
 
     train = section(params, "train")
     return deep_merge(read_profile(train["profile"]), train.get("overrides") or {})
+
+
+def resolved_base(base: dict[str, Any]) -> dict[str, Any]:
+    """The validated base config, named model expanded and defaults filled in, without where it runs:
+    what the sweep's identity hashes, so a changed model-config JSON or default changes it too."""
+    from cmmasksd.config import build_config
+
+    placeholder = trial_config(base, {}, Path("."), Path("."), 1)
+    resolved = build_config(placeholder).model_dump(mode="json")
+    for key in ("out_dir", "threads"):
+        resolved.pop(key)
+    resolved["data"].pop("prepared_dir")
+    return resolved
 
 
 def trial_config(base: dict[str, Any], overrides: dict[str, Any], prepared_dir: Path, out_dir: Path,
@@ -124,8 +153,9 @@ def run_trial(spec: dict[str, Any]) -> None:
 
     config = build_config(trial_config(spec["base"], spec["trial"]["overrides"], Path(spec["prepared_dir"]),
                                        out_dir, spec["threads"]))
+    overrides = {k: v for k, v in spec["trial"]["overrides"].items() if k != "seed"}
     run = TrialRun(spec["tracking_uri"], spec["experiment_id"], spec["parent_run_id"], trial_id,
-                   spec["trial"]["name"])
+                   spec["trial"]["name"], overrides, spec["identity"], dataset_input(**spec["dataset"]))
     run.log_config(config.model_dump(mode="json"))
     if checkpoint is not None:
         run.client.set_tag(run.run_id, "cmmasksd.resumed_from_epoch", str(resumed_epoch))
@@ -186,7 +216,7 @@ def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], params:
     scheduler = None
     asha = sweep.get("asha") or {}
     if asha.get("enabled"):
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(spec_base["base"]["optim"]["epochs"]),
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(resolved_base(spec_base["base"])["optim"]["epochs"]),
                                   grace_period=int(asha.get("grace_period", 1)),
                                   reduction_factor=float(asha.get("reduction_factor", 2)))
     return tune.Tuner(
@@ -213,30 +243,41 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     dataset = sweep["dataset"]
     prepared_dir = repo_path(Path("data/prepared") / dataset)
     storage = repo_path(section(params, "ray", "storage"))
-    data_hash = _data_hash(prepared_dir)
     base = base_config(params)
-    exp_name = f"{sweep['name']}-{sweep_fingerprint(base, sweep, data_hash)}"
+    resolved = resolved_base(base)
+    trials = expand_grid(sweep, resolved["masksd"]["branches"])
+    code, data = code_digest(), data_digest(prepared_dir)
+    fingerprint = sweep_fingerprint(resolved, sweep, data, code)
+    exp_name = f"{sweep['name']}-{fingerprint}"
     exp_path = storage / exp_name
     tracking_uri = resolve_tracking_uri(section(params, "mlflow", "tracking_uri"))
     experiment_id = ensure_experiment(tracking_uri, section(params, "mlflow", "experiment"))
     client = MlflowClient(tracking_uri)
+    git = git_state()
+    identity = {CODE_DIGEST: code, GIT_COMMIT: git["commit"], GIT_DIRTY: git["dirty"]}
+    dataset_info = {"name": dataset, "digest": data, "path": str(prepared_dir),
+                    "profile": _data_profile(prepared_dir)}
+    backbone = base["model"] if isinstance(base.get("model"), str) else resolved["model"]["clip"]
 
     parent_file = exp_path / "cmmasksd_sweep.json"
     if parent_file.exists():
         parent_run_id = json.loads(parent_file.read_text())["parent_run_id"]
         log.info("resuming sweep %s (MLflow parent run %s)", exp_path, parent_run_id)
     else:
-        tags = {"git_commit": git_commit(), "dataset": dataset, "backbone": str(base.get("model")),
-                "data_hash": data_hash, "ray_experiment": str(exp_path)}
-        parent_run_id = start_sweep_run(client, experiment_id, exp_name, {"sweep": sweep, "train": params["train"], "base": base}, tags)
+        log.info("new sweep %s (code %s, data %s)", exp_path, code[:12], data[:12])
+        tags = {**identity, "dataset": dataset, "backbone": str(backbone), "data_hash": data,
+                "ray_experiment": str(exp_path), "n_trials": str(len(trials))}
+        run_name = f"{sweep['name']} · {dataset} · {backbone} · {len(trials)} trials · {fingerprint[:6]}"
+        parent_run_id = start_sweep_run(client, experiment_id, run_name,
+                                        {"sweep": sweep, "train": params["train"], "base": base}, tags,
+                                        dataset_input(**dataset_info))
         exp_path.mkdir(parents=True, exist_ok=True)
         parent_file.write_text(json.dumps({"parent_run_id": parent_run_id}))
 
-    trials = expand_grid(sweep)
     spec_base = {
         "base": base, "prepared_dir": str(prepared_dir), "tracking_uri": tracking_uri,
-        "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-        "threads": max(1, int(float(sweep["resources"].get("cpu", 1)))),
+        "experiment_id": experiment_id, "parent_run_id": parent_run_id, "identity": identity,
+        "dataset": dataset_info, "threads": max(1, int(float(sweep["resources"].get("cpu", 1)))),
     }
     init_ray(section(params, "ray", "address"))
     if tune.Tuner.can_restore(str(exp_path)):
@@ -252,7 +293,7 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     (out_dir / "sweep.json").write_text(json.dumps({
         "experiment": section(params, "mlflow", "experiment"), "experiment_id": experiment_id,
         "parent_run_id": parent_run_id, "tracking_uri": tracking_uri, "ray_experiment": str(exp_path),
-        "n_trials": len(table), "n_failed": int((table["status"] != "FINISHED").sum()),
+        "code_digest": code, "n_trials": len(table), "n_failed": int((table["status"] != "FINISHED").sum()),
     }, indent=2))
     best = table[table["status"] == "FINISHED"].sort_values(f"final/{METRIC}", ascending=False).head(1)
     if not best.empty:
@@ -272,7 +313,7 @@ def trials_table(results) -> pd.DataFrame:
         metrics = result.metrics or {}
         done = bool(metrics.get("done")) and result.error is None
         rows.append({
-            "variant": trial["name"], "seed": trial["overrides"]["seed"],
+            "variant": trial["name"], "variant_key": trial["key"], "seed": trial["overrides"]["seed"],
             "status": "FINISHED" if done else "FAILED",
             "mlflow_run_id": metrics.get("mlflow_run_id", ""),
             **{k: metrics.get(k) for k in sorted(metrics) if k.startswith(("final/", "cost/"))},
@@ -282,12 +323,10 @@ def trials_table(results) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["variant", "seed"]).reset_index(drop=True)
 
 
-def _data_hash(prepared_dir: Path) -> str:
-    """Hash of the prepared manifests (cheap, and changes whenever the data does)."""
-    digest = hashlib.sha256()
-    for manifest in sorted(prepared_dir.glob("*/manifest.json")):
-        digest.update(manifest.read_bytes())
-    return digest.hexdigest()[:16]
+def _data_profile(prepared_dir: Path) -> dict[str, Any]:
+    """Per split: images, objects and expressions, from the manifests (shown with the MLflow dataset)."""
+    return {manifest.parent.name: json.loads(manifest.read_text()).get("counts", {})
+            for manifest in sorted(prepared_dir.glob("*/manifest.json"))}
 
 
 def main(argv: list[str] | None = None) -> None:

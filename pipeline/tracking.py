@@ -1,7 +1,10 @@
 """MLflow glue: the tracking contract of `shared/spec/pipeline.md`, written in one place.
 
-Parent run per sweep (tags `cmmasksd.role=sweep`, git commit, data hash, dataset, backbone),
-child run per trial (tag `cmmasksd.role=trial`, `cmmasksd.trial_id`, `cmmasksd.variant`).
+Parent run per sweep (tags `cmmasksd.role=sweep`, dataset, backbone, and the identity of the code
+and data: `cmmasksd.code_digest`, `mlflow.source.git.commit`, `cmmasksd.git_dirty`, `data_hash`),
+child run per trial (tags `cmmasksd.role=trial`, `cmmasksd.trial_id`, `cmmasksd.variant`,
+`cmmasksd.overrides` = the trial's overrides without its seed, as JSON: what defines its variant,
+and the same identity tags). Both carry the prepared data as an MLflow dataset input.
 Metric names (the report stage depends on them):
 - per epoch (step = epoch): `train/loss`, `train/seg`, `train/lmvsd`, `train/vmlsd`,
   `val/miou`, `val/oiou`, `val/prec_50..90`, `lr`, `epoch_time_s`, `step_time_s`;
@@ -12,13 +15,13 @@ Artifacts: `per_expression/per_expression_<split>.csv`, `figures/*.png`, `result
 
 from __future__ import annotations
 
-import subprocess
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.common import REPO_ROOT
@@ -26,6 +29,12 @@ from pipeline.common import REPO_ROOT
 ROLE = "cmmasksd.role"
 TRIAL_ID = "cmmasksd.trial_id"
 VARIANT = "cmmasksd.variant"
+OVERRIDES = "cmmasksd.overrides"
+CODE_DIGEST = "cmmasksd.code_digest"
+GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it as the run's source version
+GIT_DIRTY = "cmmasksd.git_dirty"
+# MLflow 3 picks an experiment's page from this tag; without it a new experiment opens on the GenAI overview
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MAX_PARAM_LENGTH = 6000
 
 
@@ -50,17 +59,19 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Create the store and experiment on the driver, before any trial touches it (first use races)."""
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment:
-        return experiment.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+    if experiment is None:
+        return mlflow.create_experiment(name, artifact_location=artifact_location(tracking_uri), tags=EXPERIMENT_KIND)
+    if not set(EXPERIMENT_KIND) <= set(experiment.tags):  # made by an older version, or by hand
+        for key, value in EXPERIMENT_KIND.items():
+            MlflowClient(tracking_uri).set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
-def git_commit(repo_root: Path = REPO_ROOT) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def dataset_input(name: str, digest: str, path: Path, profile: dict[str, Any]) -> DatasetInput:
+    """The prepared data as an MLflow dataset (the runs table's Dataset column): name, digest, where it is."""
+    dataset = Dataset(name=name, digest=digest[:36], source_type="local", source=json.dumps({"uri": str(path)}),
+                      profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -85,16 +96,18 @@ def _metrics(values: dict[str, float], step: int) -> list[Metric]:
 
 
 def start_sweep_run(client: MlflowClient, experiment_id: str, name: str, params: dict[str, Any],
-                    tags: dict[str, str]) -> str:
+                    tags: dict[str, str], dataset: DatasetInput) -> str:
     run = client.create_run(experiment_id, run_name=name, tags={ROLE: "sweep", **tags})
     client.log_batch(run.info.run_id, params=_params(flatten(params)))
+    client.log_inputs(run.info.run_id, datasets=[dataset])
     return run.info.run_id
 
 
 class TrialRun:
     """One trial's child run; a retried or resumed trial finds and continues its own run."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str, variant: str):
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str, variant: str,
+                 overrides: dict[str, Any], identity: dict[str, str], dataset: DatasetInput):
         self.client = MlflowClient(tracking_uri)
         found = self.client.search_runs(
             [experiment_id],
@@ -105,8 +118,10 @@ class TrialRun:
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             self.resumed = True
         else:
-            tags = {"mlflow.parentRunId": parent_run_id, ROLE: "trial", TRIAL_ID: trial_id, VARIANT: variant}
+            tags = {"mlflow.parentRunId": parent_run_id, ROLE: "trial", TRIAL_ID: trial_id, VARIANT: variant,
+                    OVERRIDES: json.dumps(overrides, sort_keys=True), **identity}
             self.run_id = self.client.create_run(experiment_id, run_name=variant, tags=tags).info.run_id
+            self.client.log_inputs(self.run_id, datasets=[dataset])
             self.resumed = False
 
     def log_config(self, config: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -119,6 +120,12 @@ def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root,
     best = yaml.safe_load((repo / "sweep" / "best_config.yaml").read_text())
     assert best["masksd"]["branches"] in {"none", "both"}
 
+    code = parent.data.tags["cmmasksd.code_digest"]
+    assert len(code) == 64 and parent.data.tags["mlflow.source.git.commit"]
+    assert all(r.data.tags["cmmasksd.code_digest"] == code for r in runs)
+    assert {r.data.tags["cmmasksd.overrides"] for r in runs} == {'{"masksd.branches": "none"}', '{"masksd.branches": "both"}'}
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["refshapes"]
+
     end_times = {r.info.run_id: r.info.end_time for r in runs}
     run_stage(repo, "pipeline.sweep")  # a rerun restores the finished sweep instead of training again
     client, again = child_runs(repo / "sweep" / "sweep.json")
@@ -127,10 +134,26 @@ def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root,
         assert len(client.get_metric_history(run.info.run_id, "val/miou")) == 2
 
     run_stage(repo, "pipeline.report", "--sweep-file", "sweep/sweep.json", "--out", "reports")
-    table = (repo / "reports" / "ablation.md").read_text()
-    assert "CRIS" in table and "both" in table.lower()
+    long = pd.read_csv(repo / "reports" / "ablation.csv")
+    val = long[(long.table == "variants") & (long.split == "val") & (long.metric == "miou")].set_index("variant")
+    logged = {r.data.tags["cmmasksd.variant"]: r.data.metrics["final/val/miou"] for r in runs}
+    assert val["mean"].to_dict() == pytest.approx(logged)  # the report shows what the trials measured
+    assert val.loc["both", "delta"] == pytest.approx(logged["both"] - logged["cris"])
+    assert not val["significant"].fillna(False).astype(bool).any()  # one seed: never marked
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["n_trials"] == 2 and metrics["n_failed"] == 0
+
+    # a change to the code, even a comment, is a new experiment: trained again, never restored
+    with (repo / "cmmasksd" / "losses.py").open("a") as f:
+        f.write("# a comment changes the code identity\n")
+    run_stage(repo, "pipeline.sweep")
+    info_after = json.loads((repo / "sweep" / "sweep.json").read_text())
+    assert info_after["ray_experiment"] != info["ray_experiment"]
+    assert info_after["parent_run_id"] != info["parent_run_id"]
+    client, retrained = child_runs(repo / "sweep" / "sweep.json")
+    assert len(retrained) == 2 and not {r.info.run_id for r in retrained} & set(end_times)
+    assert all(len(client.get_metric_history(r.info.run_id, "val/miou")) == 2 for r in retrained)
+    assert {r.data.tags["cmmasksd.code_digest"] for r in retrained} == {info_after["code_digest"]} != {code}
 
 
 def _trial_workers() -> list[psutil.Process]:
@@ -234,11 +257,44 @@ def mlflow_server(tmp_path):
     server.wait(timeout=30)
 
 
+def rest(uri: str, endpoint: str, body: dict | None = None) -> dict:
+    """One call of MLflow's REST API, as the UI makes it (GET with a query, or POST with JSON)."""
+    url = f"{uri}/api/2.0/mlflow/{endpoint}"
+    if body is None:
+        request = urllib.request.Request(url)
+    else:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
 def test_sweep_logs_to_a_real_mlflow_server(prepared_root, tmp_path, mlflow_server):
     repo = make_repo(tmp_path, prepared_root, **{"mlflow.tracking_uri": mlflow_server})
     run_stage(repo, "pipeline.sweep")
+    run_stage(repo, "pipeline.report", "--sweep-file", "sweep/sweep.json", "--out", "reports")
     info = json.loads((repo / "sweep" / "sweep.json").read_text())
     assert info["tracking_uri"] == mlflow_server
+
+    # what the UI reads: the experiment opens on its runs, the parent nests its trials, carries the
+    # sweep's summary and the dataset, and every run says which code made it
+    experiment = rest(mlflow_server, "experiments/get-by-name?experiment_name=cmmasksd")["experiment"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+    runs = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    parent = next(r for r in runs if r["info"]["run_id"] == info["parent_run_id"])
+    children = [r for r in runs if {"key": "mlflow.parentRunId", "value": info["parent_run_id"]} in r["data"]["tags"]]
+    assert len(children) == 2 and len(runs) == 3
+    assert parent["info"]["run_name"].startswith("default · refshapes · cris-tiny-rn · 2 trials · ")
+    summary = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    report_metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert summary["summary/baseline_val_miou"] == pytest.approx(report_metrics["baseline_val_miou"])
+    assert summary["summary/best_delta_miou"] == pytest.approx(report_metrics["best_delta_miou"])
+    for run in [parent, *children]:
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["cmmasksd.code_digest"] == info["code_digest"]
+        (dataset,) = run["inputs"]["dataset_inputs"]
+        assert dataset["dataset"]["name"] == "refshapes" and len(dataset["dataset"]["digest"]) >= 16
+
     client, runs = child_runs(repo / "sweep" / "sweep.json")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     run = runs[0]
@@ -284,18 +340,26 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "init")
     sh("dvc", "repro")
-    for name in ("ablation.md", "ablation.csv", "ablation.tex", "heatmap_mask_ratio.png", "metrics.json"):
-        assert (repo / "reports" / name).stat().st_size > 0
-    assert (repo / "dvc.lock").exists()
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert metrics["n_trials"] == 2 and metrics["baseline_val_miou"] > 0
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"fetch@refshapes", "preprocess@refshapes", "sweep", "report"}
 
     again = sh("dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout
     shown = sh("dvc", "metrics", "show")
     assert "baseline_val_miou" in shown.stdout
 
-    # an experiment with a changed sweep param: only the sweep and report stages run again
-    experiment = sh("dvc", "exp", "run", "-S", "sweep.variants=[]")
+    # an experiment with a changed sweep param: only the sweep and report stages run again; variants
+    # that differ outside masksd.* stay apart, and one seed marks nothing
+    variants = "sweep.variants=[{masksd.branches: vmlsd}, {masksd.branches: none, optim.lr: 0.001}]"
+    experiment = sh("dvc", "exp", "run", "-S", variants)
     assert "Running stage 'sweep'" in experiment.stdout and "Running stage 'fetch" not in experiment.stdout
-    assert json.loads((repo / "reports" / "metrics.json").read_text())["n_trials"] == 1
+    assert json.loads((repo / "reports" / "metrics.json").read_text())["n_trials"] == 3
+    long = pd.read_csv(repo / "reports" / "ablation.csv")
+    rows = long[(long.table == "variants") & (long.metric == "miou") & (long.split == "val")]
+    assert sorted(rows["variant"]) == ["cris", "cris optim.lr=0.001", "vmlsd"] and set(rows["n"]) == {1}
+    assert not long["significant"].fillna(False).astype(bool).any()
+    assert "†" not in (repo / "reports" / "ablation.md").read_text()
     listed = sh("dvc", "exp", "list", "--name-only").stdout.split()
     assert len(listed) == 1  # the experiment is recorded, for `dvc exp show` / `dvc exp apply`

@@ -1,8 +1,11 @@
 """The report stage end to end on a synthetic sweep logged through MlflowClient per the tracking contract.
 
-Per-expression IoUs are planted so that the answers are known: "both" (+5 points) and "+VMLSD"
-(+3 points) beat the baseline well beyond a +-0.1 / +-0.02 per-expression spread, "+LMVSD" differs
-from it by a zero-mean +-0.1 pattern only (no effect), and each grid has one clearly best cell.
+Per-expression counts are planted so that the answers are known. 200 expressions sit in 50 images
+(4 each). The four branch variants and the baseline ran 3 seeds with seed noise; `+LMVSD +VMLSD`
+(+5 points) and `+VMLSD` (+3 points) beat the baseline well beyond it, `+LMVSD` differs from it by
+a zero-mean pattern only. The other variants ran one seed: however large their planted effect, no
+cell may mark them significant. Two variants differ from others only outside `masksd.*` (a
+learning rate), and must stay separate rows.
 """
 
 from __future__ import annotations
@@ -14,73 +17,89 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib import colormaps
+from matplotlib.colors import Normalize
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from PIL import Image
 
 from cmmasksd.config import MaskSDConfig
 from cmmasksd.metrics import summarize
-from pipeline.report import branch_table, copy_overlays, grid_table, load_trials, main, published_table
+from cmmasksd.stats import compare_tables
+from pipeline.report import main, published_table
+from pipeline.report.figures import heatmap_values
+from pipeline.report.load import load_trials
+from pipeline.report.tables import Sweep, axis_sections
 
-N_EXPR = 200
-UNION = 1000
-SEED_OFFSET = {0: 0.0, 1: 0.01}
+N_EXPR, N_IMAGES, UNION, N_BOOT = 200, 50, 1000, 2000
+IMAGE_ID = np.repeat(np.arange(N_IMAGES) + 500, N_EXPR // N_IMAGES)
+SEED_OFFSET = {0: 0.0, 1: 0.012, 2: -0.008}
 RNG = np.random.default_rng(0)
 BASE_IOU = RNG.uniform(0.2, 0.8, N_EXPR)
 ZERO_MEAN = 0.1 * RNG.permutation(np.repeat([1.0, -1.0], N_EXPR // 2))
+SEEDS = [0, 1, 2]
 
-# (variant name, masksd overrides, per-expression effect, seeds)
+# (variant name, overrides, per-expression effect, seeds)
 VARIANTS = [
-    ("cris", {"branches": "none"}, 0.0, [0, 1]),
-    ("lmvsd", {"branches": "lmvsd"}, ZERO_MEAN, [0, 1]),
-    ("vmlsd", {"branches": "vmlsd"}, 0.03 + 0.1 * ZERO_MEAN, [0, 1]),
-    ("both", {}, 0.05 + 0.2 * ZERO_MEAN, [0, 1]),  # every knob at its default
-    ("both r_v=0.25 r_t=0.15", {"mask_ratio_v": 0.25, "mask_ratio_t": 0.15}, 0.03, [0]),
-    ("both r_v=0.25 r_t=0.3", {"mask_ratio_v": 0.25}, 0.08, [0]),  # best ratio cell
-    ("both r_v=0.5 r_t=0.15", {"mask_ratio_t": 0.15}, 0.04, [0]),
-    ("both l_v=0.5 l_t=0.5", {"lambda_v": 0.5, "lambda_t": 0.5}, 0.01, [0]),
-    ("both l_v=0.5", {"lambda_v": 0.5}, 0.02, [0]),
-    ("both l_t=0.5", {"lambda_t": 0.5}, 0.06, [0]),  # best lambda cell
-    ("both random", {"strategy": "random"}, 0.0, [0]),
+    ("cris", {"masksd.branches": "none"}, 0.0, SEEDS),
+    ("lmvsd", {"masksd.branches": "lmvsd"}, ZERO_MEAN, SEEDS),
+    ("vmlsd", {"masksd.branches": "vmlsd"}, 0.03 + 0.1 * ZERO_MEAN, SEEDS),
+    ("both", {"masksd.branches": "both"}, 0.05 + 0.2 * ZERO_MEAN, SEEDS),
+    ("both r_v=0.25 r_t=0.15", {"masksd.branches": "both", "masksd.mask_ratio_v": 0.25, "masksd.mask_ratio_t": 0.15},
+     0.03, [0]),
+    ("both r_v=0.25", {"masksd.branches": "both", "masksd.mask_ratio_v": 0.25}, 0.08, [0]),  # best ratio cell
+    ("both l_v=0.5 l_t=0.5", {"masksd.branches": "both", "masksd.lambda_v": 0.5, "masksd.lambda_t": 0.5}, 0.01, [0]),
+    ("both l_t=0.5", {"masksd.branches": "both", "masksd.lambda_t": 0.5}, 0.06, [0]),  # best lambda cell
+    ("both strategy=random", {"masksd.branches": "both", "masksd.strategy": "random"}, 0.0, [0]),
+    ("cris optim.lr=0.001", {"masksd.branches": "none", "optim.lr": 0.001}, 0.2, [0]),  # large, but one seed
 ]
-FAILED = ("both r_v=0.75", {"mask_ratio_v": 0.75}, 0.0, [0])
+FAILED = ("both r_v=0.75", {"masksd.branches": "both", "masksd.mask_ratio_v": 0.75}, 0.0, [0])
 
 
-def planted_ious(effect, seed: int) -> np.ndarray:
-    """IoUs on a 1/1000 grid, so the logged intersections and unions reproduce them exactly."""
-    return np.round((BASE_IOU + effect + SEED_OFFSET[seed]) * UNION) / UNION
+def planted_ious(effect, seed: int, name: str) -> np.ndarray:
+    """IoUs on a 1/1000 grid, so the logged intersections and unions reproduce them exactly; each
+    (variant, seed) has its own offset of a few tenths of a point, so per-seed deltas vary."""
+    jitter = 0.004 * ((sum(map(ord, name)) * (seed + 1)) % 5 - 2)
+    return np.round(np.clip(BASE_IOU + effect + SEED_OFFSET[seed] + jitter, 0, 1) * UNION) / UNION
 
 
-def planted_val_miou(name: str) -> pd.Series:
+def planted(name: str) -> pd.Series:
     """Planted val mIoU per seed of one variant."""
     _, _, effect, seeds = next(v for v in VARIANTS if v[0] == name)
-    return pd.Series({s: planted_ious(effect, s).mean() for s in seeds})
+    return pd.Series({s: planted_ious(effect, s, name).mean() for s in seeds})
+
+
+def per_expression(variant, seed: int, shift: int = 0) -> pd.DataFrame:
+    inter = np.round(planted_ious(variant[2], seed, variant[0]) * UNION).astype(int) - shift
+    return pd.DataFrame({"sentence_idx": np.arange(N_EXPR), "sent_id": np.arange(N_EXPR) + 1000,
+                         "ref_id": np.arange(N_EXPR) // 2, "object_idx": np.arange(N_EXPR) // 2,
+                         "image_id": IMAGE_ID, "inter": inter, "union": UNION, "iou": inter / UNION})
 
 
 def log_trial(client, experiment_id, parent_id, tmp_path, variant, status="FINISHED", seed=0):
     name, overrides, effect, _ = variant
     run = client.create_run(experiment_id, run_name=name, tags={
-        "mlflow.parentRunId": parent_id, "cmmasksd.role": "trial", "cmmasksd.variant": name})
+        "mlflow.parentRunId": parent_id, "cmmasksd.role": "trial", "cmmasksd.variant": name,
+        "cmmasksd.overrides": json.dumps(overrides, sort_keys=True)})
     run_id = run.info.run_id
-    masksd = {**MaskSDConfig().model_dump(), "branches": "both", **overrides}
-    params = {**{f"masksd.{k}": v for k, v in masksd.items()}, "seed": seed, "model.clip": "tiny", "optim.lr": 1e-3}
-    ious = planted_ious(effect, seed)
-    inter = np.round(ious * UNION).astype(int)
-    final = {f"final/val/{k}": v for k, v in summarize(inter, np.full(N_EXPR, UNION)).items()}
-    final |= {f"final/testA/{k}": v for k, v in summarize(inter - 10, np.full(N_EXPR, UNION)).items()}
-    extra = {"none": 0, "lmvsd": 256, "vmlsd": 256, "both": 256}[masksd["branches"]]
+    masksd = {f"masksd.{k}": v for k, v in MaskSDConfig().model_dump().items()}
+    params = {**masksd, "optim.lr": 0.002, **overrides, "seed": seed, "model.clip": "tiny"}
+    tables = {"val": per_expression(variant, seed), "testA": per_expression(variant, seed, shift=10)}
+    final = {f"final/{split}/{k}": v for split, t in tables.items()
+             for k, v in summarize(t["inter"].to_numpy(), t["union"].to_numpy()).items()}
+    extra = 0 if overrides["masksd.branches"] == "none" else 256
     final |= {"cost/step_time_s": 0.5 + extra / 512, "cost/peak_mem_mb": 900.0 + extra,
               "cost/params_total": 1e6 + extra, "cost/params_baseline": 1e6, "cost/params_extra": extra,
               "best_epoch": 3}
     now = int(time.time() * 1000)
-    curve = [Metric("val/miou", ious.mean() * f, now, epoch) for epoch, f in enumerate((0.6, 0.85, 1.0), 1)]
+    curve = [Metric("val/miou", final["final/val/miou"] * f, now, epoch) for epoch, f in enumerate((0.6, 0.85, 1.0), 1)]
     client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
                      metrics=curve + [Metric(k, float(v), now, 0) for k, v in final.items()])
-    csv = tmp_path / f"per_expression_val_{run_id}" / "per_expression_val.csv"
-    csv.parent.mkdir()
-    pd.DataFrame({"sentence_idx": np.arange(N_EXPR), "sent_id": np.arange(N_EXPR) + 1000,
-                  "ref_id": np.arange(N_EXPR) // 2, "object_idx": np.arange(N_EXPR) // 2,
-                  "inter": inter, "union": UNION, "iou": ious}).to_csv(csv, index=False)
-    client.log_artifact(run_id, str(csv), artifact_path="per_expression")
+    folder = tmp_path / f"per_expression_{run_id}"
+    folder.mkdir()
+    for split, table in tables.items():
+        table.to_csv(folder / f"per_expression_{split}.csv", index=False)
+    client.log_artifacts(run_id, str(folder), artifact_path="per_expression")
     client.set_terminated(run_id, status)
     return run_id
 
@@ -93,7 +112,8 @@ def report(tmp_path_factory):
     client = MlflowClient(uri)
     experiment_id = client.create_experiment("cmmasksd", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(experiment_id, run_name="sweep", tags={
-        "cmmasksd.role": "sweep", "git_commit": "abc123", "dataset": "refshapes", "backbone": "tiny"})
+        "cmmasksd.role": "sweep", "mlflow.source.git.commit": "abc123", "cmmasksd.code_digest": "f00d" * 16,
+        "dataset": "refshapes", "backbone": "tiny"})
     parent_id = parent.info.run_id
     for variant in VARIANTS:
         for seed in variant[3]:
@@ -102,9 +122,9 @@ def report(tmp_path_factory):
     sweep_file = tmp_path / "sweep.json"
     sweep_file.write_text(json.dumps({"experiment": "cmmasksd", "parent_run_id": parent_id, "tracking_uri": uri}))
     out = tmp_path / "reports"
-    (tmp_path / "params.yaml").write_text("report:\n  bootstrap_samples: 500\n")
+    (tmp_path / "params.yaml").write_text(f"report:\n  bootstrap_samples: {N_BOOT}\n  bootstrap_seed: 3\n")
     assert main(["--sweep-file", str(sweep_file), "--out", str(out), "--params", str(tmp_path / "params.yaml")]) == 0
-    return SimpleNamespace(out=out, failed_id=failed_id, uri=uri, parent_id=parent_id)
+    return SimpleNamespace(out=out, failed_id=failed_id, uri=uri, parent_id=parent_id, tmp=tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -120,82 +140,143 @@ def cell(long, table, row, col=None, metric="miou", split="val"):
     return rows.iloc[0]
 
 
-def test_branch_table_reports_the_planted_means_and_stds(long):
-    for row, name in [("CRIS baseline", "cris"), ("+LMVSD", "lmvsd"), ("+VMLSD", "vmlsd"), ("+LMVSD +VMLSD", "both")]:
-        got, planted = cell(long, "branches", row), planted_val_miou(name)
-        assert got.variant == name
-        assert got.n == 2
-        assert got["mean"] == pytest.approx(planted.mean(), abs=1e-9)
-        assert got["std"] == pytest.approx(planted.std(), abs=1e-9)
-        assert got.delta == pytest.approx(planted.mean() - planted_val_miou("cris").mean(), abs=1e-9)
+def test_every_variant_is_its_own_row_with_its_own_seeds(long):
+    rows = long[(long.table == "variants") & (long.split == "val") & (long.metric == "miou")]
+    assert sorted(rows["row"]) == sorted(v[0] for v in VARIANTS)
+    for name, _, _, seeds in VARIANTS:
+        got = cell(long, "variants", name)
+        assert got.n == len(seeds)
+        assert got["mean"] == pytest.approx(planted(name).mean(), abs=1e-9)
+        if len(seeds) > 1:
+            assert got["std"] == pytest.approx(planted(name).std(), abs=1e-9)
+        assert got.delta == pytest.approx(planted(name).mean() - planted("cris").mean(), abs=1e-9)
 
 
-def test_significance_marks_follow_the_planted_effects(long):
-    assert cell(long, "branches", "+LMVSD").significant == False  # noqa: E712 (read back as bool)
-    for row in ("+VMLSD", "+LMVSD +VMLSD"):
-        got = cell(long, "branches", row)
-        assert got.significant == True  # noqa: E712
-        assert got.ci_low <= got.delta <= got.ci_high
-    lmvsd = cell(long, "branches", "+LMVSD")
-    assert lmvsd.ci_low < 0 < lmvsd.ci_high
+def test_the_baseline_is_the_plain_cris_trial_not_a_cris_variant(long):
+    lr = cell(long, "variants", "cris optim.lr=0.001")
+    assert lr.delta == pytest.approx(planted("cris optim.lr=0.001").mean() - planted("cris").mean(), abs=1e-9)
+    table = long[(long.table == "optim.lr") & (long.split == "val") & (long.metric == "miou")]
+    assert sorted(zip(table["row"].astype(float), table["variant"])) == [(0.001, "cris optim.lr=0.001"), (0.002, "cris")]
+
+
+def test_intervals_are_the_two_level_bootstrap_of_the_library(report, long):
+    both = cell(long, "variants", "both", split="testA", metric="oiou")
+    arms = [pd.concat([per_expression(v, s, shift=10).assign(seed=s) for s in v[3]])
+            for v in (VARIANTS[0], VARIANTS[3])]
+    expected = compare_tables(*arms, metrics=("miou", "oiou"), n_boot=N_BOOT, seed=3)["oiou"]
+    assert (both.delta, both.ci_low, both.ci_high, both.p_value) == pytest.approx(
+        (expected.delta, expected.ci_low, expected.ci_high, expected.p_value))
+    assert both.t_low == pytest.approx(expected.t_low) and both.t_high == pytest.approx(expected.t_high)
+
+
+def test_significance_needs_two_seeds_and_an_interval_that_excludes_zero(long):
+    for name in ("vmlsd", "both"):
+        got = cell(long, "variants", name)
+        assert got.significant == True and got.seed_variance_measured == True  # noqa: E712 (read back as bool)
+        assert 0 < got.ci_low <= got.delta <= got.ci_high
+    lmvsd = cell(long, "variants", "lmvsd")
+    assert lmvsd.significant == False and lmvsd.ci_low < 0 < lmvsd.ci_high  # noqa: E712
+    big = cell(long, "variants", "cris optim.lr=0.001")  # +20 points, one seed: images only, never marked
+    assert big.ci_low > 0 and big.significant == False and big.seed_variance_measured == False  # noqa: E712
+    assert np.isnan(big.t_low)
+
+
+def test_markdown_marks_only_significant_cells_and_says_where_seed_variance_is_missing(report):
+    md = (report.out / "ablation.md").read_text()
+    section = md.split("## All variants: val (selection split)")[1].split("\n## ")[0]
+    lines = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| ")}
+    assert "†" in lines["both"] and "†" in lines["vmlsd"]
+    assert "†" not in lines["lmvsd"] and "†" not in lines["cris optim.lr=0.001"]
+    assert "Seed variance not measured" in section
+    assert "## All variants: testA (test: the clean estimate)" in md
+
+
+def test_power_line_uses_the_baseline_seed_spread(report):
+    md = (report.out / "ablation.md").read_text()
+    sigma = 100 * planted("cris").std()
+    assert f"baseline seed std σ = {sigma:.2f} points over 3 seeds" in md
+    deltas = [planted(name) - planted("cris") for name in ("lmvsd", "vmlsd", "both")]
+    sd_delta = 100 * np.sqrt(np.mean([d.var(ddof=1) for d in deltas]))  # pooled over the paired variants
+    needed = int(np.ceil(((1.959964 + 0.841621) * sd_delta / 1.0) ** 2))
+    assert f"sd of the paired per-seed Δ = {sd_delta:.2f} points" in md
+    assert f"smallest Δ detectable at 80 % power (α = 0.05) is {2.801585 * sd_delta / np.sqrt(3):.2f} points" in md
+    assert f"a 1-point Δ needs {max(2, needed)} seeds" in md
 
 
 def test_cost_and_other_splits_are_reported(long):
-    assert cell(long, "branches", "+LMVSD +VMLSD", metric="params_extra")["mean"] == 256
-    assert cell(long, "branches", "+LMVSD +VMLSD", metric="step_time_s").delta == pytest.approx(0.5)
-    test_a = cell(long, "branches", "+LMVSD +VMLSD", split="testA")
-    assert test_a["mean"] == pytest.approx(planted_val_miou("both").mean() - 0.01)
-    assert np.isnan(test_a.ci_low)  # the synthetic sweep logs per-expression IoUs for val only
+    assert cell(long, "variants", "both", metric="params_extra")["mean"] == 256
+    assert cell(long, "variants", "both", metric="step_time_s").delta == pytest.approx(0.5)
+    test_a = cell(long, "variants", "both", split="testA")
+    assert test_a["mean"] == pytest.approx(planted("both").mean() - 0.01)
+    assert test_a.ci_low < test_a.delta < test_a.ci_high
+
+
+def test_branch_table_holds_the_four_rows(long):
+    rows = long[(long.table == "branches") & (long.split == "val") & (long.metric == "miou")]
+    assert dict(zip(rows["row"], rows["variant"])) == {
+        "CRIS baseline": "cris", "+LMVSD": "lmvsd", "+VMLSD": "vmlsd", "+LMVSD +VMLSD": "both"}
 
 
 def test_grids_mark_their_best_cell(report, long):
-    ratio = long[(long.table == "mask_ratio") & (long.metric == "miou")]
-    assert len(ratio) == 4
+    ratio = long[(long.table == "mask_ratio") & (long.metric == "miou") & (long.split == "val")]
+    assert len(ratio) == 3
     assert ratio.loc[ratio.best, ["row", "col"]].astype(float).values.tolist() == [[0.25, 0.3]]
-    lam = long[(long.table == "lambda") & (long.metric == "miou")]
+    lam = long[(long.table == "lambda") & (long.metric == "miou") & (long.split == "val")]
     assert lam.loc[lam.best, ["row", "col"]].astype(float).values.tolist() == [[1.0, 0.5]]
     md = (report.out / "ablation.md").read_text()
-    best = planted_val_miou("both r_v=0.25 r_t=0.3").mean()
-    assert f"**{100 * best:.2f} (n=1)" in md
+    assert f"**{100 * planted('both r_v=0.25').mean():.2f} (n=1)" in md
 
 
-def test_markdown_states_the_legend_untested_tables_and_missing_runs(report):
+def test_heatmap_shows_the_planted_cells_in_their_colours(report):
+    """The PNG holds a patch of each cell's viridis colour, so it is the grid and not a placeholder."""
+    trials = load_trials(report.uri, report.parent_id)
+    sections = {s.name: s for s in axis_sections(Sweep(trials, n_boot=200))}
+    mean, _, best = heatmap_values(sections["mask_ratio"])
+    assert best == ("0.25", "0.3")
+    assert mean.loc["0.25", "0.3"] == pytest.approx(100 * planted("both r_v=0.25").mean())
+    pixels = np.asarray(Image.open(report.out / "heatmap_mask_ratio.png").convert("RGB")).reshape(-1, 3).astype(int)
+    values = mean.to_numpy(dtype=float)
+    norm = Normalize(np.nanmin(values), np.nanmax(values))
+    for value in values[~np.isnan(values)]:
+        colour = (np.array(colormaps["viridis"](norm(value))[:3]) * 255).round()
+        assert (np.abs(pixels - colour).max(axis=1) <= 3).sum() > 500, f"no patch of the colour of {value:.1f}"
+
+
+def test_markdown_lists_missing_runs_and_the_bootstrap_it_used(report):
     md = (report.out / "ablation.md").read_text()
-    assert "B=500" in md and "mIoU" in md and "oIoU" in md
-    assert "`weights` is not varied in this sweep." in md
+    assert f"B = {N_BOOT}, seed 3" in md  # the params file's values, not the defaults
     missing = md.split("## Missing trials")[1]
     assert report.failed_id in missing and "FAILED" in missing
+    assert "f00df00df00d" in md and "abc123" in md  # the code identity behind the numbers
 
 
 def test_latex_is_one_booktabs_tabular_per_table(report):
     tex = (report.out / "ablation.tex").read_text()
-    # branches val + testA, two grids, strategy
-    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 5
-    assert tex.count(r"\toprule") == tex.count(r"\bottomrule") == 5
+    # variants on val + testA, branches, two grids, strategy, optim.lr
+    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 7
+    assert tex.count(r"\toprule") == tex.count(r"\bottomrule") == 7
     assert r"corr\_top" in tex and r"$\pm$" in tex and r"\label{tab:mask_ratio}" in tex
 
 
-def test_reports_are_attached_to_the_sweep_run(report):
-    names = {f.path for f in MlflowClient(report.uri).list_artifacts(report.parent_id, "reports")}
+def test_reports_and_summary_are_attached_to_the_sweep_run(report):
+    client = MlflowClient(report.uri)
+    names = {f.path for f in client.list_artifacts(report.parent_id, "reports")}
     assert {"reports/ablation.md", "reports/metrics.json", "reports/heatmap_lambda.png"} <= names
-
-
-def test_a_sweep_without_grid_or_lmvsd_gives_empty_tables_not_errors(report):
-    trials = load_trials(report.uri, report.parent_id)
-    small = trials[trials["variant"].isin(["cris", "vmlsd"])]
-    assert grid_table(small).empty
-    rows = branch_table(small, n_boot=100)
-    assert set(rows["row"]) == {"CRIS baseline", "+VMLSD"}
+    parent = client.get_run(report.parent_id)
+    assert parent.data.metrics["summary/baseline_val_miou"] == pytest.approx(planted("cris").mean())
+    assert parent.data.tags["cmmasksd.best_variant"] == "cris optim.lr=0.001"
+    assert parent.data.metrics["summary/best_delta_significant"] == 0.0
 
 
 def test_metrics_json_for_dvc(report):
     metrics = json.loads((report.out / "metrics.json").read_text())
-    baseline, best = planted_val_miou("cris"), planted_val_miou("both r_v=0.25 r_t=0.3")
-    assert metrics["n_trials"] == 15 and metrics["n_failed"] == 1
+    baseline, best = planted("cris"), planted("cris optim.lr=0.001")
+    assert metrics["n_trials"] == 18 and metrics["n_failed"] == 1 and metrics["n_seeds_baseline"] == 3
     assert metrics["baseline_val_miou"] == pytest.approx(baseline.mean())
     assert metrics["best_val_miou"] == pytest.approx(best.mean())
-    assert metrics["best_delta_miou"] == pytest.approx(best[0] - baseline[0])  # on the shared seed
-    assert metrics["best_delta_ci_low"] > 0
+    assert metrics["best_delta_miou"] == pytest.approx(best.mean() - baseline.mean())
+    assert metrics["best_delta_ci_low"] > 0 and metrics["best_delta_significant"] is False
+    assert metrics["placeholder_figures"] == 2  # no logged overlays in this synthetic sweep
 
 
 def test_a_sweep_with_no_finished_trial_still_reports(report, tmp_path):
@@ -208,18 +289,13 @@ def test_a_sweep_with_no_finished_trial_still_reports(report, tmp_path):
     assert main(["--sweep-file", str(sweep_file), "--out", str(tmp_path / "out")]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["n_trials"] == 0 and metrics["n_failed"] == 1 and metrics["best_val_miou"] is None
-    assert failed_id in (tmp_path / "out" / "ablation.md").read_text()
-    assert (tmp_path / "out" / "heatmap_lambda.png").stat().st_size > 0
-
-
-@pytest.mark.parametrize("name", ["heatmap_mask_ratio.png", "heatmap_lambda.png", "learning_curves.png"])
-def test_figures_are_pngs(report, name):
-    data = (report.out / name).read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert metrics["placeholder_figures"] == 5
+    md = (tmp_path / "out" / "ablation.md").read_text()
+    assert failed_id in md and "Placeholders (nothing to draw in this sweep)" in md
 
 
 def test_published_numbers_sit_beside_ours_on_real_datasets_only(report):
-    ours = pd.DataFrame([{"row": "CRIS baseline", "val": 0.5012, "testA": 0.6, "testB": None}])
+    ours = {"CRIS baseline": {"val": 0.5012, "testA": 0.6, "testB": None}}
     table = published_table("refcoco", ours)
     assert list(table.columns) == ["row", "val", "testA", "testB"]
     assert table.set_index("row").loc["CM-MaskSD", "val"] == "74.89"
@@ -232,13 +308,16 @@ def test_published_numbers_sit_beside_ours_on_real_datasets_only(report):
 def test_overlays_of_a_variant_are_copied_from_its_first_seed(report, tmp_path):
     client = MlflowClient(report.uri)
     trials = load_trials(report.uri, report.parent_id)
-    cris = trials[trials["variant"] == "cris"].sort_values("seed")
+    first = trials[trials["variant"] == "cris"].sort_values("seed")["run_id"].iloc[0]
     figure = tmp_path / "overlays_val.png"
-    figure.write_bytes((report.out / "learning_curves.png").read_bytes())  # any real PNG
-    client.log_artifact(cris["run_id"].iloc[0], str(figure), artifact_path="figures")
-
-    copy_overlays(client, trials, "cris", tmp_path / "baseline.png")
-    assert (tmp_path / "baseline.png").read_bytes() == figure.read_bytes()
-    copy_overlays(client, trials, "lmvsd", tmp_path / "lmvsd.png")  # logged no figure: a note says so
-    note = (tmp_path / "lmvsd.png").read_bytes()
-    assert note[:8] == b"\x89PNG\r\n\x1a\n" and note != figure.read_bytes()
+    Image.new("RGB", (40, 20), (0, 200, 0)).save(figure)
+    client.log_artifact(first, str(figure), artifact_path="figures")
+    out = tmp_path / "out"
+    sweep_file = tmp_path / "sweep.json"
+    sweep_file.write_text(json.dumps({"parent_run_id": report.parent_id, "tracking_uri": report.uri}))
+    params = tmp_path / "params.yaml"
+    params.write_text("report:\n  bootstrap_samples: 200\n")
+    assert main(["--sweep-file", str(sweep_file), "--out", str(out), "--params", str(params)]) == 0
+    assert (out / "overlays_baseline.png").read_bytes() == figure.read_bytes()
+    md = (out / "ablation.md").read_text()
+    assert "`overlays_best.png`." in md.split("Placeholders")[1] and "overlays_baseline" not in md.split("Placeholders")[1]

@@ -1,0 +1,92 @@
+"""The report's figures: grid heatmaps and learning curves (prediction overlays are copied as logged).
+
+DVC expects every declared figure, so when a sweep has nothing to draw the figure is a note that
+says why; each function returns whether it drew data, and the report lists the notes as such.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+
+from pipeline.report.render import AXIS_NAMES
+from pipeline.report.tables import BRANCH_ROWS, SELECT_SPLIT, Section
+
+HEATMAP_CMAP = "viridis"
+
+
+def save_note(path: Path, note: str) -> bool:
+    """A placeholder figure that says why there is nothing to plot; returns False (no data drawn)."""
+    fig = Figure(figsize=(5, 2))
+    fig.text(0.5, 0.5, note, ha="center", va="center")
+    fig.savefig(path, dpi=120)
+    return False
+
+
+def heatmap_values(section: Section) -> tuple[pd.DataFrame, pd.DataFrame, tuple]:
+    """Val mIoU (%) mean and std per cell as rows x cols frames, and the best cell's (row, col)."""
+    miou = section.table[(section.table["metric"] == "miou") & (section.table["split"] == SELECT_SPLIT)]
+    mean = miou.pivot(index="row", columns="col", values="mean") * 100
+    std = miou.pivot(index="row", columns="col", values="std") * 100
+    best = miou.loc[miou["best"].astype(bool), ["row", "col"]].iloc[0]
+    return mean, std, (best["row"], best["col"])
+
+
+def plot_heatmap(section: Section | None, path: Path, title: str) -> bool:
+    """Val mIoU over a grid, every cell annotated, the best one starred and outlined."""
+    if section is None or section.table.empty:
+        return save_note(path, f"No {title} in this sweep.")
+    mean, std, best = heatmap_values(section)
+    rows, cols = section.axes
+    fig = Figure(figsize=(5.5, 4.5), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(mean.to_numpy(dtype=float), cmap=HEATMAP_CMAP, origin="lower", aspect="auto")
+    fig.colorbar(image, ax=ax, label="val mIoU (%)")
+    ax.set_xticks(range(len(mean.columns)), list(mean.columns))
+    ax.set_yticks(range(len(mean.index)), list(mean.index))
+    ax.set_xlabel(AXIS_NAMES.get(cols, cols))
+    ax.set_ylabel(AXIS_NAMES.get(rows, rows))
+    for i, r in enumerate(mean.index):
+        for j, c in enumerate(mean.columns):
+            if pd.isna(mean.loc[r, c]):
+                continue
+            is_best = (r, c) == best
+            text = ("★ " if is_best else "") + f"{mean.loc[r, c]:.1f}"
+            text += f"\n±{std.loc[r, c]:.1f}" if pd.notna(std.loc[r, c]) else ""
+            ax.text(j, i, text, ha="center", va="center", fontweight="bold" if is_best else "normal",
+                    color="black" if image.norm(mean.loc[r, c]) > 0.6 else "white")
+            if is_best:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
+    fixed = f" ({', '.join(f'{k}={v}' for k, v in section.fixed.items())})" if section.fixed else ""
+    ax.set_title(f"{title}: val mIoU{fixed} (★ best)", fontsize="medium")
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_learning_curves(curves: pd.DataFrame, trials: pd.DataFrame, highlight: dict[str, str], path: Path) -> bool:
+    """Val mIoU per epoch, mean over seeds: the branch-table variants in colour, the rest in grey."""
+    if curves.empty:
+        return save_note(path, "No val/miou history in this sweep.")
+    mean = (curves.merge(trials[["run_id", "variant"]], on="run_id")
+            .groupby(["variant", "step"])["value"].mean() * 100)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for variant in mean.index.unique("variant").difference(list(highlight)):
+        ax.plot(mean[variant].index, mean[variant].to_numpy(), color="0.75", linewidth=1)
+    for variant, row in highlight.items():
+        if variant in mean.index.unique("variant"):
+            ax.plot(mean[variant].index, mean[variant].to_numpy(), marker="o", linewidth=2,
+                    **({"color": "black", "linestyle": "--"} if row == BRANCH_ROWS["none"] else {}),
+                    label=f"{row}: {variant}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title("Learning curves, mean over seeds (grey: other variants)")
+    if highlight:
+        ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return True
