@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from cmmasksd.io.digest import file_sha256
 from pipeline.common import REPO_ROOT
 
 # What the sweep stage executes; `dvc.yaml` lists the same paths as the stage's code deps.
@@ -36,7 +37,7 @@ def code_digest(root: Path = REPO_ROOT, paths: tuple[str, ...] = CODE_PATHS) -> 
     digest = hashlib.sha256()
     for file in _code_files(root, paths):
         digest.update(file.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(hashlib.sha256(file.read_bytes()).digest())
+        digest.update(file_sha256(file).encode())
     return digest.hexdigest()
 
 

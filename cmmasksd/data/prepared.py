@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from cmmasksd.data.letterbox import LetterboxMeta, letterbox_image, letterbox_mask
 from cmmasksd.data.refer import Refer, ReferObject
+from cmmasksd.io.digest import file_sha256
 
 FORMAT_VERSION = 1
 FLUSH_EVERY = 256  # images between progress checkpoints: what a crash can cost
@@ -157,7 +158,7 @@ def prepare_split(
     split_dir = Path(out_dir) / split
     split_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or clip_tokenizer(word_len)
-    digests = {"refs": _sha256(refer.refs_path), "instances": _sha256(refer.instances_path)}
+    digests = {"refs": file_sha256(refer.refs_path), "instances": file_sha256(refer.instances_path)}
     fingerprint = _fingerprint(refer, split, size, word_len, tokenizer, digests)
     ready = _up_to_date(split_dir, fingerprint)
     if ready is not None:
@@ -500,14 +501,6 @@ def _write_manifest(report: PrepareReport, refer: Refer, size: int, word_len: in
         "fingerprint": fingerprint,
     }
     (report.split_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class PreparedSplit:

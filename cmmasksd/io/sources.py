@@ -7,7 +7,6 @@ checksums (the pipeline takes them from `params.yaml`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cmmasksd.io.archive import missing_members, safe_extract_zip, verify_layout
+from cmmasksd.io.digest import file_sha256
 from cmmasksd.io.download import download, file_mismatch
 
 log = logging.getLogger(__name__)
@@ -195,11 +195,7 @@ def _digest(archive: Path, source: Source) -> str:
         return f"sha256:{source.sha256.lower()}"
     if source.md5:
         return f"md5:{source.md5.lower()}"
-    digest = hashlib.sha256()
-    with archive.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    return f"sha256:{file_sha256(archive)}"
 
 
 def _link(folder: Path, local: Path) -> None:
