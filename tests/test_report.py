@@ -321,3 +321,15 @@ def test_overlays_of_a_variant_are_copied_from_its_first_seed(report, tmp_path):
     assert (out / "overlays_baseline.png").read_bytes() == figure.read_bytes()
     md = (out / "ablation.md").read_text()
     assert "`overlays_best.png`." in md.split("Placeholders")[1] and "overlays_baseline" not in md.split("Placeholders")[1]
+
+
+def test_list_valued_overrides_make_their_own_table_rows():
+    base = {"masksd.branches": "none"}
+    variants = [("cris", base, 0.50), ("cris optim.milestones=[3]", {**base, "optim.milestones": [3]}, 0.52)]
+    trials = pd.DataFrame([{"run_id": name, "variant": name, "variant_key": json.dumps(o, sort_keys=True),
+                            "overrides": o, "seed": 0, "final/val/miou": miou, "optim.milestones": "[5]"}
+                           for name, o, miou in variants])
+    (section,) = [s for s in axis_sections(Sweep(trials, n_boot=10)) if s.axes == ("optim.milestones",)]
+    rows = section.table[section.table["metric"] == "miou"]
+    assert dict(zip(rows["row"], rows["variant"])) == {"[5]": "cris", "[3]": "cris optim.milestones=[3]"}
+    assert rows.set_index("row").loc["[3]", "delta"] == pytest.approx(0.02)

@@ -51,9 +51,11 @@ class Variant:
     trials: pd.DataFrame  # one row per seed
 
     def setting(self, key: str):
-        """The value this variant trained with: its override, else the logged config param."""
+        """The value this variant trained with: its override, else the logged config param (lists and
+        mappings as JSON text, so they can label a row)."""
         if key in self.overrides:
-            return typed(self.overrides[key])
+            value = self.overrides[key]
+            return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else typed(value)
         return self.trials[key].iloc[0] if key in self.trials else None
 
     @property
