@@ -156,17 +156,20 @@ def _replicate_deltas(a: Arm, b: Arm, image_ids, seed_draws_a: np.ndarray, seed_
 
 
 def _bootstrap(a: Arm, b: Arm, image_ids, paired: bool, n_boot: int, seed: int) -> dict[str, np.ndarray]:
-    """n_boot replicate deltas, drawn in chunks that keep the draws under ~200 MB."""
-    rng = np.random.default_rng(seed)
+    """n_boot replicate deltas; the image draws come in chunks that keep memory under ~200 MB.
+
+    Seeds and images have their own random streams, so the replicates do not depend on the chunking.
+    """
+    seed_rng, image_rng = np.random.default_rng(seed).spawn(2)
+    seeds_a = seed_rng.integers(0, a.n_seeds, size=(n_boot, a.n_seeds))
+    seeds_b = seeds_a if paired else seed_rng.integers(0, b.n_seeds, size=(n_boot, b.n_seeds))
     n_images = len(np.unique(np.asarray(image_ids)))
     chunk = max(1, int(_CHUNK_BYTES // (32 * n_images)))
     parts = []
     for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        seeds_a = rng.integers(0, a.n_seeds, size=(size, a.n_seeds))
-        seeds_b = seeds_a if paired else rng.integers(0, b.n_seeds, size=(size, b.n_seeds))
-        images = rng.integers(0, n_images, size=(size, n_images))
-        parts.append(_replicate_deltas(a, b, image_ids, seeds_a, seeds_b, images))
+        rows = slice(start, min(start + chunk, n_boot))
+        images = image_rng.integers(0, n_images, size=(rows.stop - rows.start, n_images))
+        parts.append(_replicate_deltas(a, b, image_ids, seeds_a[rows], seeds_b[rows], images))
     return {metric: np.concatenate([part[metric] for part in parts]) for metric in METRICS}
 
 

@@ -60,7 +60,13 @@ def test_blank_text_and_max_items(prepared_root):
 
 
 def test_pickles_without_the_arrays(prepared_root):
-    ds = RefSegDataset(_split(prepared_root), train=True)
+    ds = RefSegDataset(_split(prepared_root), train=True, seed=3)
+    ds.set_epoch(2)
     data = pickle.dumps(ds)
     assert len(data) < 10_000  # workers reopen the memmaps
-    assert pickle.loads(data)[0]["object_idx"] == 0
+    copy = pickle.loads(data)
+    assert len(copy) == len(ds)
+    for i in range(len(ds)):  # same items, and the same expression draws (seed and epoch kept)
+        mine, theirs = ds[i], copy[i]
+        assert (theirs["object_idx"], theirs["sentence_idx"]) == (mine["object_idx"], mine["sentence_idx"])
+        assert all(torch.equal(theirs[key], mine[key]) for key in ("image", "tokens", "mask"))

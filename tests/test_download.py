@@ -73,6 +73,7 @@ def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
     dest = tmp_path / "data.zip"
     dest.with_name("data.zip.part").write_bytes(PAYLOAD[:1234])
     fetch([server.url("/data.zip")], dest)
+    assert server.ranges("/data.zip") == ["bytes=1234-"]  # the 200 body replaced the part: no second try
     assert dest.read_bytes() == PAYLOAD
 
 

@@ -28,7 +28,10 @@ def test_empty_prediction_against_object_is_zero():
 def test_both_empty_counts_as_one():
     empty = np.zeros((5, 5), bool)
     inter, union = intersection_union(empty, empty)
+    assert (inter, union) == (0, 0)
     assert ious([inter], [union])[0] == 1.0
+    m = summarize([inter], [union])
+    assert m["miou"] == m["oiou"] == 1.0
 
 
 def test_shape_mismatch_is_an_error():
@@ -47,6 +50,7 @@ def test_summary_mean_overall_and_precision():
     assert m["prec_50"] == pytest.approx(0.75)  # 1.0, 0.5 (>= counts), 0.6
     assert m["prec_60"] == pytest.approx(0.5)
     assert m["prec_70"] == pytest.approx(0.25)
+    assert m["prec_80"] == pytest.approx(0.25)
     assert m["prec_90"] == pytest.approx(0.25)
 
 

@@ -50,8 +50,11 @@ def test_arrays_are_memory_mapped_and_typed(prepared_root):
 
 
 def test_truncation_keeps_eot_last():
-    tokens = clip_tokenizer(5)(["the small red circle left of the big blue square"])[0].tolist()
-    assert tokens[0] == 49406 and tokens[-1] == 49407 and 0 not in tokens
+    text = "the small red circle left of the big blue square"
+    tokens = clip_tokenizer(5)([text])[0].tolist()
+    full = clip_tokenizer(17)([text])[0].tolist()
+    assert full[11:] == [49407] + [0] * 5  # 10 words fit in 17: not truncated
+    assert tokens == full[:4] + [49407]  # SOT and the first three words, then EOT
 
 
 def _break_copy(src, dst):

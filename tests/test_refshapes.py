@@ -132,9 +132,12 @@ def test_layout_splits_and_families(refshapes_root):
     assert len(all_images) == len(set(all_images))  # image-disjoint
     assert {r["category_id"] for r in refs if r["split"] == "testA"} == {CATEGORY_IDS["circle"]}
     assert CATEGORY_IDS["circle"] not in {r["category_id"] for r in refs if r["split"] == "testB"}
+    refer = Refer(refshapes_root, "unc")
     for ann in instances["annotations"]:
-        assert ann["iscrowd"] == 0 and len(ann["bbox"]) == 4 and ann["area"] > 0
-        assert len(ann["segmentation"]) == 1 and len(ann["segmentation"][0]) >= 6
+        assert ann["iscrowd"] == 0 and len(ann["segmentation"]) == 1 and len(ann["segmentation"][0]) >= 6
+        ys, xs = np.nonzero(refer.mask(ann["id"]))  # area and bbox (x, y, w, h) as COCO's, of the drawn mask
+        assert ann["area"] == len(ys) > 0
+        assert ann["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
     ref = refs[0]
     assert set(ref) == {"ref_id", "ann_id", "image_id", "category_id", "split", "sent_ids", "file_name", "sentences"}
     assert set(ref["sentences"][0]) == {"tokens", "raw", "sent", "sent_id"}

@@ -255,7 +255,10 @@ def test_latex_is_one_booktabs_tabular_per_table(report):
     # variants on val + testA, branches, two grids, strategy, optim.lr
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 7
     assert tex.count(r"\toprule") == tex.count(r"\bottomrule") == 7
-    assert r"corr\_top" in tex and r"$\pm$" in tex and r"\label{tab:mask_ratio}" in tex
+    both = planted("both")
+    assert f"{100 * both.mean():.2f}" + r" $\pm$ " + f"{100 * both.std():.2f}" in tex
+    assert r"both strategy=random" in tex and r"\label{tab:mask_ratio}" in tex
+    assert r"cris optim.lr=0.001" in tex
 
 
 def test_reports_and_summary_are_attached_to_the_sweep_run(report):

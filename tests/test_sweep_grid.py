@@ -91,5 +91,11 @@ def test_data_digest_follows_the_manifests(tmp_path):
         (tmp_path / split).mkdir()
         (tmp_path / split / "manifest.json").write_text(json.dumps({"split": split, "fingerprint": "a"}))
     before = data_digest(tmp_path)
-    (tmp_path / "val" / "manifest.json").write_text(json.dumps({"split": "val", "fingerprint": "b"}))
-    assert data_digest(tmp_path) != before
+    (tmp_path / "val" / "notes.txt").write_text("not part of the data")
+    (tmp_path / "progress.json").write_text("{}")
+    assert data_digest(tmp_path) == before
+    for split in ("val", "train"):
+        (tmp_path / split / "manifest.json").write_text(json.dumps({"split": split, "fingerprint": "b"}))
+        changed = data_digest(tmp_path)
+        assert changed != before
+        before = changed

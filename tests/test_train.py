@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from cmmasksd.config import build_config, deep_merge, load_config, read_profile
-from cmmasksd.metrics import METRIC_NAMES
+from cmmasksd.data import PreparedSplit
+from cmmasksd.metrics import METRIC_NAMES, ious, summarize
+from cmmasksd.model import parameter_report
+from cmmasksd.predict import load_checkpoint, predict_mask
 from cmmasksd.train import CHECKPOINT_DIR, train
+from cmmasksd.visualize import GT_COLOUR, PRED_COLOUR, load_rgb
 
 SPLITS = ("testA", "testB", "val")
 
@@ -36,6 +43,79 @@ class Interrupt(Exception):
     pass
 
 
+# ---- reading the figures back: what they show, not just that they are PNGs ----------------------
+
+MPL_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]  # matplotlib's C0..C3
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def near(pixels: np.ndarray, colour, tol: int = 2) -> np.ndarray:
+    return (np.abs(pixels - np.asarray(colour)) <= tol).all(-1)
+
+
+def tinted(image: np.ndarray) -> np.ndarray:
+    """`image` with the prediction colour blended in (`overlay_mask`, alpha 0.5)."""
+    return (0.5 * image + 0.5 * np.asarray(PRED_COLOUR)).astype(int)
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    edges = np.flatnonzero(np.diff(np.r_[0, flags.astype(int), 0]))
+    return [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b - a >= 20]
+
+
+def pictures_in(figure: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, left, right) of each picture shown (axes off: blocks of non-white pixels), row by row."""
+    ink = (figure != 255).any(-1)
+    return [(top, bottom, left, right) for top, bottom in _runs(ink.mean(1) > 0.5)
+            for left, right in _runs(ink[top:bottom].mean(0) > 0.9)]
+
+
+def pixels_of(figure: np.ndarray, box, shape) -> np.ndarray:
+    """The picture in `box` read back at `shape`: the centre of each displayed pixel."""
+    top, bottom, left, right = box
+    ys = (top + (np.arange(shape[0]) + 0.5) * (bottom - top) / shape[0]).astype(int)
+    xs = (left + (np.arange(shape[1]) + 0.5) * (right - left) / shape[1]).astype(int)
+    return figure[np.ix_(ys, xs)]
+
+
+def assert_learning_curves(path: Path, history: list[dict]) -> None:
+    """Left: one line per train/ loss (matplotlib's colour cycle); right: val mIoU and oIoU only."""
+    figure = read_rgb(path)
+    half = figure.shape[1] // 2
+    assert len([key for key in history[0] if key.startswith("train/")]) == 4  # loss, seg, lmvsd, vmlsd: C0..C3
+    for i, colour in enumerate(MPL_COLOURS):
+        assert near(figure[:, :half], colour, 10).sum() > 20, f"loss line C{i}"
+        assert (near(figure[:, half:], colour, 10).sum() > 20) == (i < 2), f"validation line C{i}"
+
+
+def assert_overlays_show_the_picks(path: Path, split: PreparedSplit, table: pd.DataFrame, count: int) -> None:
+    """Rows from the best to the worst IoU; per row the input of an expression with that IoU, its ground
+    truth outlined in green, and beside it the prediction tinted red whose IoU is the table's."""
+    figure = read_rgb(path)
+    boxes = pictures_in(figure)
+    assert len(boxes) == 2 * count
+    ranked = table.iou.sort_values(ascending=False).to_numpy()
+    for row, iou in enumerate(ranked[np.unique(np.linspace(0, len(ranked) - 1, num=count).round().astype(int))]):
+        pair = boxes[2 * row: 2 * row + 2]
+        shown, overlay = (pixels_of(figure, box, (split.size, split.size)) for box in pair)
+        top, bottom, left, right = pair[0]
+        ys, xs = np.nonzero(near(figure[top:bottom, left:right], GT_COLOUR, 25))
+        outline = ys * split.size // (bottom - top), xs * split.size // (right - left)
+        fits = []
+        for sent_idx in table.sentence_idx[np.isclose(table.iou, iou)]:  # ties: any of them may be shown
+            obj = int(split.sentence_object[sent_idx])
+            image, gt = split.image(int(split.object_image[obj])).astype(int), split.mask(obj).astype(bool)
+            red = near(overlay, tinted(image))
+            edge = ndimage.binary_dilation(gt ^ ndimage.binary_erosion(gt), iterations=2)
+            fits.append(near(shown, image).mean() > 0.95 and (near(overlay, image) | red).mean() > 0.95
+                        and len(ys) > 20 and edge[outline].mean() > 0.95
+                        and abs((red & gt).sum() / max((red | gt).sum(), 1) - iou) < 0.05)
+        assert any(fits), f"overlay row {row} (IoU {iou:.2f}) shows none of the expressions with that IoU"
+
+
 def test_train_writes_results_tables_and_figures(prepared_root, tmp_path):
     config = build_config(tiny_config(prepared_root, tmp_path / "run"))
     seen = []
@@ -46,17 +126,30 @@ def test_train_writes_results_tables_and_figures(prepared_root, tmp_path):
     for split in SPLITS:
         assert set(result.final[split]) == set(METRIC_NAMES)
         table = result.per_expression[split].read_text().splitlines()
-        assert table[0] == "sentence_idx,sent_id,ref_id,object_idx,inter,union,iou"
+        assert table[0] == "sentence_idx,sent_id,ref_id,object_idx,image_id,inter,union,iou"
         assert len(table) == 1 + 16
+        frame = pd.read_csv(result.per_expression[split])
+        prepared = PreparedSplit(prepared_root / split)  # the statistics resample images: each row's own
+        image_ids = prepared.images.image_id.to_numpy()[prepared.object_image[frame.object_idx]]
+        assert frame.image_id.tolist() == image_ids.tolist()
+        np.testing.assert_allclose(frame.iou, ious(frame.inter, frame.union))
+        assert result.final[split] == pytest.approx(summarize(frame.inter, frame.union))  # the table is what was scored
     assert 1 <= result.best_epoch <= 3
     assert result.best_val_miou == max(h["val/miou"] for h in result.history)
+    assert result.history[result.best_epoch - 1]["val/miou"] == result.best_val_miou
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert {"train/seg", "train/lmvsd", "train/vmlsd", "val/miou", "lr"} <= set(result.history[0])
     assert result.history[0]["train/lmvsd"] > 0 and result.history[0]["train/vmlsd"] > 0
     assert result.history[-1]["lr"] == pytest.approx(2e-4)  # x0.1 after the milestone at epoch 2
-    assert result.cost["params_extra"] > 0 and result.cost["step_time_s"] > 0
-    for figure in result.figures:
-        assert figure.stat().st_size > 1000 and Image.open(figure).format == "PNG"
+    assert result.cost["step_time_s"] > 0
+    counts = parameter_report(config.model, config.masksd)  # the extra parameters are the mask tokens
+    assert (result.cost["params_total"], result.cost["params_extra"]) == (counts["cmmasksd"], counts["extra"])
+    assert counts["extra"] > 0
+    assert [figure.name for figure in result.figures] == ["learning_curves.png", "overlays_val.png"]
+    assert all(Image.open(figure).format == "PNG" for figure in result.figures)
+    assert_learning_curves(result.figures[0], result.history)
+    assert_overlays_show_the_picks(result.figures[1], PreparedSplit(prepared_root / "val"),
+                                   pd.read_csv(result.per_expression["val"]), count=2)
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["final"]["val"]["miou"] == pytest.approx(result.final["val"]["miou"])
 
@@ -127,15 +220,31 @@ def test_cli_train_evaluate_predict(prepared_root, refshapes_root, tmp_path):
                           "--out", str(tmp_path / "eval")], check=True, capture_output=True, text=True)
     metrics = json.loads(out.stdout)
     assert set(metrics) == {"val", "testA"} and set(metrics["val"]) == set(METRIC_NAMES)
-    assert (tmp_path / "eval" / "per_expression_testA.csv").exists()
+    table = pd.read_csv(tmp_path / "eval" / "per_expression_testA.csv")
+    assert sorted(table.sentence_idx) == list(range(PreparedSplit(prepared_root / "testA").n_sentences))
+    assert metrics["testA"] == pytest.approx(summarize(table.inter, table.union))
 
     image = next((refshapes_root / "train2014").glob("*.jpg"))
+    # After one epoch the model may select nothing at 0.35: a copy of the checkpoint whose threshold
+    # selects the most probable 30% of the pixels gives the overlay something to show.
+    probs = predict_mask(load_checkpoint(checkpoint), load_rgb(image), "the red circle")
+    state = torch.load(checkpoint, weights_only=True)
+    state["config"]["eval_threshold"] = float(np.quantile(probs, 0.7))
+    torch.save(state, tmp_path / "lower.pt")
+    selected = probs > state["config"]["eval_threshold"]
     overlay = tmp_path / "overlay.png"
-    out = subprocess.run([*cli, "predict", "--checkpoint", str(checkpoint), "--image", str(image),
+    out = subprocess.run([*cli, "predict", "--checkpoint", str(tmp_path / "lower.pt"), "--image", str(image),
                           "--text", "the red circle", "--out", str(overlay)], check=True, capture_output=True, text=True)
-    assert "pixels selected" in out.stdout
-    picture = np.asarray(Image.open(overlay))
-    assert picture.ndim == 3 and picture.shape[0] > 100  # a real figure, not an empty file
+    said = re.fullmatch(rf"{re.escape(str(overlay))}: (\d+) of {probs.size} pixels selected", out.stdout.strip())
+    assert said, out.stdout
+    n_selected = int(said[1])
+    assert 0.25 < selected.mean() < 0.35 and abs(n_selected - selected.sum()) <= 0.01 * probs.size
+    figure = read_rgb(overlay)
+    (box,) = pictures_in(figure)  # the input image, at its own resolution, tinted where selected
+    shown, pixels = pixels_of(figure, box, probs.shape), np.asarray(load_rgb(image)).astype(int)
+    red = near(shown, tinted(pixels))
+    assert (red | near(shown, pixels)).mean() > 0.99 and (red == selected).mean() > 0.99
+    assert abs(int(red.sum()) - n_selected) <= 0.01 * probs.size
 
     bad = subprocess.run([*cli, "predict", "--checkpoint", str(checkpoint), "--image", str(tmp_path / "missing.jpg"),
                           "--text", "x", "--out", str(overlay)], capture_output=True, text=True)
