@@ -120,7 +120,7 @@ def _quiet_logging():
 def predict_mask(loaded: LoadedModel, image: Image.Image, text: str) -> np.ndarray:
     """Probability map (H x W, original resolution) that each pixel belongs to the referred object."""
     canvas, meta = letterbox_image(image, loaded.input_size)
-    pixels = torch.from_numpy(canvas).permute(2, 0, 1)[None].to(loaded.device)
+    pixels = torch.from_numpy(np.array(canvas)).permute(2, 0, 1)[None].to(loaded.device)
     tokens = clip_tokenizer(loaded.word_len)([text]).to(loaded.device)
     probs = upsampled_probabilities(loaded.model(pixels, tokens), loaded.input_size)[0]
     return unletterbox(probs, meta).cpu().numpy()
