@@ -72,6 +72,9 @@ class MaskSDConfig(_Strict):
     gt_on_masked: bool = False
     weights: Literal["shared", "separate"] = "shared"
     sample_temperature: float = Field(default=0.1, gt=0.0)  # for strategy corr_sample
+    # LMVSD masking cell in pixels; None: the backbone's own (32 for ResNet, the patch size for ViT).
+    # A ViT masks whole tokens, so it accepts only its patch size (checked when the model is built).
+    mask_cell: int | None = Field(default=None, gt=0)
 
     @property
     def use_lmvsd(self) -> bool:

@@ -26,6 +26,7 @@ from cmmasksd.config import MaskSDConfig, TrainConfig
 from cmmasksd.data import PreparedSplit, RefSegDataset
 from cmmasksd.evaluate import SplitEvaluation, evaluate_split
 from cmmasksd.model import CMMaskSD, create_model
+from cmmasksd.model.mask_stats import MaskStats
 from cmmasksd.visualize import save_learning_curves, save_prediction_overlays
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ _RUNTIME_FIELDS = {"out_dir", "device", "threads", "num_overlays"}
 @dataclass
 class EpochReport:
     epoch: int  # number of finished epochs (1-based)
-    metrics: dict[str, float]  # train/*, val/*, lr, epoch_time_s, step_time_s
+    metrics: dict[str, float]  # train/*, val/*, mask/* (branches that ran), lr, epoch_time_s, step_time_s
     checkpoint_dir: Path  # holds last.pt: everything needed to resume
     is_best: bool
 
@@ -173,6 +174,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
             pin_memory=device.type == "cuda", persistent_workers=False,
         )
         sums: dict[str, float] = {}
+        mask_stats = MaskStats()
         epoch_start = time.perf_counter()
         for batch in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
             step_start = time.perf_counter()
@@ -180,7 +182,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
             tokens = batch["tokens"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, parts = model.training_loss(images, tokens, masks)
+                loss, parts = model.training_loss(images, tokens, masks, mask_stats)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.optim.grad_clip:
@@ -202,6 +204,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         )
         metrics = {f"train/{k}": v / n_steps for k, v in sums.items()}
         metrics.update({f"val/{k}": v for k, v in val.metrics.items()})
+        metrics.update(mask_stats.metrics())
         metrics.update(lr=lr, epoch_time_s=time.perf_counter() - epoch_start,
                        step_time_s=sum(step_times[-n_steps:]) / n_steps)
         history.append({"epoch": epoch + 1, **metrics})

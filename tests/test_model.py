@@ -119,6 +119,8 @@ def test_input_checks(tiny_cris):
         cris.encode_text(make_tokens(23))
     with pytest.raises(ValueError, match="patch_mask"):
         cris.encode_image(images, torch.zeros(2, 3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="patch_mask"):  # a ViT masks its own tokens only
+        tiny_cris["vit"].encode_image(images, torch.zeros(2, 8, 8, dtype=torch.bool))
 
 
 def test_baseline_backbone_has_no_mask_tokens():
@@ -157,6 +159,67 @@ def test_vit_patch_mask_changes_only_the_masked_sample(tiny_cris):
         clean, masked = backbone.encode_image(images).joint, backbone.encode_image(images, mask).joint
     assert torch.allclose(clean[0], masked[0], atol=1e-6)
     assert not torch.allclose(clean[1], masked[1])
+
+
+def test_resnet_cell_mask_zeroes_exactly_the_chosen_12px_cells(tiny_cris):
+    model = wrap(tiny_cris, "rn", mask_cell=12, mask_ratio_v=0.3)
+    backbone = model.seg.backbone
+    images, tokens, _ = make_batch(96)
+    with torch.no_grad():
+        mask = model.patch_mask(backbone.encode_image(images), backbone.encode_text(tokens))
+    assert mask.shape == (2, 8, 8) and mask.sum((1, 2)).tolist() == [round(0.3 * 64)] * 2
+    seen = {}
+    handle = backbone.clip.visual.conv1.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    try:
+        with torch.no_grad():
+            backbone.encode_image(images, mask)
+    finally:
+        handle.remove()
+    pixels = mask[:, :, None, :, None].expand(2, 8, 12, 8, 12).reshape(2, 1, 96, 96).expand(-1, 3, -1, -1)
+    x, clean = seen["x"], backbone.normalize(images)
+    assert torch.all(x[pixels] == 0) and torch.equal(x[~pixels], clean[~pixels])
+
+
+def one_hot_scores(embed: int, grid: tuple[int, int], hot: tuple[int, int]):
+    """Features whose patch-sentence cosine is 1 at patch `hot` and -1 elsewhere."""
+    sentence = torch.zeros(1, embed)
+    sentence[0, 0] = 1.0
+    joint = -sentence.view(1, embed, 1, 1).repeat(1, 1, *grid)
+    joint[0, 0, hot[0], hot[1]] = 1.0
+    txt = TextFeatures(torch.zeros(1, 3, 8), sentence, torch.zeros(1, 3, dtype=torch.bool))
+    return VisualFeatures([], joint, grid), txt
+
+
+@pytest.mark.parametrize("hot,cells", [((0, 0), [0, 1]), ((1, 1), [3, 4])])
+def test_cell_mask_picks_the_peak_of_the_resampled_similarity_map(tiny_cris, hot, cells):
+    # 3 x 3 stride-32 scores, bilinear to the 8 x 8 grid of 12 px cells: the 4 highest cells are the
+    # 2 x 2 block nearest the hot patch's centre (pixels 0-24 for patch (0, 0), 36-60 for (1, 1)).
+    model = wrap(tiny_cris, "rn", mask_cell=12, mask_ratio_v=4 / 64)
+    vis, txt = one_hot_scores(model.seg.backbone.embed_dim, (3, 3), hot)
+    picked = model.patch_mask(vis, txt)[0].nonzero().tolist()
+    assert picked == [[r, c] for r in cells for c in cells]
+
+
+def test_mask_cell_none_or_the_stride_is_the_backbone_grid(tiny_cris):
+    images, tokens, gt = make_batch(96)
+    losses = []
+    for cell in (None, 32):
+        model = wrap(tiny_cris, "rn", mask_cell=cell)
+        assert model.mask_grid((3, 3)) == (3, 3)
+        torch.manual_seed(0)
+        losses.append(model.training_loss(images, tokens, gt)[0].item())
+    assert losses[0] == losses[1]
+    model = wrap(tiny_cris, "rn", mask_cell=20)
+    with pytest.raises(ValueError, match="mask_cell 20 must divide the input size 96 x 96"):
+        model.training_loss(images, tokens, gt)
+
+
+def test_vit_accepts_only_its_patch_size_as_mask_cell(tiny_cris):
+    assert wrap(tiny_cris, "vit", mask_cell=16).mask_grid((6, 6)) == (6, 6)
+    with pytest.raises(ValueError, match="patch size 16 or None"):
+        wrap(tiny_cris, "vit", mask_cell=12)
+    with pytest.raises(ValueError, match="mask_cell"):
+        MaskSDConfig(mask_cell=0)
 
 
 def test_corr_top_and_bottom_pick_the_most_and_least_correlated_patches(tiny_cris):
@@ -247,6 +310,7 @@ SWITCHES = [  # every value of every switch appears at least once
     ("vit", dict(branches="vmlsd", strategy="corr_sample", distill_loss="mse", weights="separate")),
     ("vit", dict(branches="none")),
     ("rn", dict(branches="none", weights="separate")),
+    ("rn", dict(branches="both", strategy="corr_sample", distill_loss="mse", mask_cell=8)),  # 8 x 8 cells at 64 px
 ]
 
 

@@ -86,6 +86,17 @@ def _resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.adaptive_avg_pool2d(x, size)
 
 
+def cells_to_pixels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A B x gh x gw cell mask -> B x H x W pixels; the cells must be squares that tile H x W."""
+    gh, gw = mask.shape[1:]
+    h, w = size
+    cell = h // gh if gh else 0
+    if cell == 0 or cell * gh != h or cell * gw != w:
+        raise ValueError(f"patch_mask must be B x gh x gw with square cells that tile the {h} x {w} input, "
+                         f"got {tuple(mask.shape)}")
+    return mask.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)
+
+
 class ClipBackbone(nn.Module):
     """An open_clip `CLIP` (ModifiedResNet or ViT image tower) seen as a CRIS feature extractor.
 
@@ -154,18 +165,22 @@ class ClipBackbone(nn.Module):
         return (images.float() / 255.0 - self.mean) / self.std
 
     def encode_image(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> VisualFeatures:
-        """uint8 images (and optionally a B x gh x gw patch mask, True = masked) -> three levels + joint map."""
+        """uint8 images (and optionally a B x gh x gw patch mask, True = masked) -> three levels + joint map.
+
+        A ViT's mask is on its patch grid; a ResNet's on any grid of square cells that tile the input.
+        """
         x = self.normalize(images)
-        if patch_mask is not None:
+        if patch_mask is not None and self.is_vit:
             grid = (x.shape[-2] // self.patch_stride, x.shape[-1] // self.patch_stride)
             if tuple(patch_mask.shape[1:]) != grid:
-                raise ValueError(f"patch_mask must be B x {grid[0]} x {grid[1]}, got {tuple(patch_mask.shape)}")
+                raise ValueError(f"patch_mask must be B x {grid[0]} x {grid[1]} (a ViT masks whole tokens), "
+                                 f"got {tuple(patch_mask.shape)}")
         return self._encode_vit(x, patch_mask) if self.is_vit else self._encode_resnet(x, patch_mask)
 
     def _encode_resnet(self, x: torch.Tensor, patch_mask: torch.Tensor | None) -> VisualFeatures:
         visual = self.clip.visual
-        if patch_mask is not None:  # zero the masked stride-32 cells (= the mean colour)
-            keep = ~patch_mask.repeat_interleave(32, dim=1).repeat_interleave(32, dim=2)
+        if patch_mask is not None:  # zero the masked cells (= the mean colour)
+            keep = ~cells_to_pixels(patch_mask, tuple(x.shape[-2:]))
             x = x * keep[:, None].to(x.dtype)
         f8 = visual.layer2(visual.layer1(visual.stem(x)))
         f16 = visual.layer3(f8)

@@ -8,6 +8,16 @@ L_t = D(f(I, T_masked), stopgrad(P)).
 L = L_seg + lambda_v * L_v + lambda_t * L_t (+ BCE against GT on a masked branch with
 `gt_on_masked`, unweighted). The masks are scored on the clean pass's features, and with
 shared weights a masked branch reuses the clean features of the modality it leaves intact.
+
+Masking cell (`mask_cell`, pixels). None keeps the backbone's own: a ResNet zeroes its
+stride-32 cells of the input, a ViT replaces whole patch tokens by the learned mask token (so a
+ViT accepts only its patch size). On the 96 px RefShapes default a stride-32 grid is 3 x 3, and
+masking 50 % zeroes about half the image, usually the referred object itself; MaskRIS zeroes
+32 px cells at 448 px, a 14 x 14 grid. A ResNet with cell c masks an (H/c) x (W/c) grid: the
+patch-sentence similarity map is resampled to it bilinearly and the cells are chosen on it as
+before. The RefShapes profiles use 12 px (8 x 8); the paper profiles keep the stride (13 x 13 at
+416 px). `training_loss(..., stats=)` measures how often the masks hit the object and the
+content words (`mask_stats`).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from cmmasksd.config import MaskSDConfig
 from cmmasksd.losses import distill_loss, seg_loss
 from cmmasksd.model.backbone import TextFeatures, VisualFeatures
 from cmmasksd.model.cris import CRIS
+from cmmasksd.model.mask_stats import MaskStats
 
 
 def select_masked(scores: torch.Tensor, k: torch.Tensor, strategy: str, temperature: float,
@@ -69,6 +80,10 @@ class CMMaskSD(nn.Module):
 
     def __init__(self, seg: CRIS, cfg: MaskSDConfig):
         super().__init__()
+        stride = seg.backbone.patch_stride
+        if seg.backbone.is_vit and cfg.mask_cell not in (None, stride):
+            raise ValueError(f"mask_cell must be the ViT's patch size {stride} or None (a ViT masks whole tokens), "
+                             f"got {cfg.mask_cell}")
         self.cfg = cfg
         self.seg = seg
         # Ablation of weight sharing: the masked branches get their own copy, same initialisation.
@@ -90,11 +105,12 @@ class CMMaskSD(nn.Module):
     def _runs(self, enabled: bool, weight: float) -> bool:
         return self.training and enabled and (weight > 0 or self.cfg.gt_on_masked)
 
-    def training_loss(self, images: torch.Tensor, tokens: torch.Tensor,
-                      gt_mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def training_loss(self, images: torch.Tensor, tokens: torch.Tensor, gt_mask: torch.Tensor,
+                      stats: MaskStats | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and its parts {seg, lmvsd, vmlsd} (each as added to the total; 0 when off).
 
         In eval mode only the main branch runs, so this is the validation loss of the main branch.
+        `stats`, if given, counts where the drawn masks fall (for the hit rates).
         """
         cfg = self.cfg
         vis = self.seg.encode_image(images)
@@ -102,10 +118,16 @@ class CMMaskSD(nn.Module):
         logits = self.seg.decode(vis, txt)
         parts = {"seg": seg_loss(logits, gt_mask)}
         if self._runs(cfg.use_lmvsd, cfg.lambda_v):
-            parts["lmvsd"] = self._branch_loss(self._lmvsd_logits(images, tokens, vis, txt), logits, gt_mask,
+            mask = self.patch_mask(vis, txt)
+            if stats is not None:
+                stats.add_lmvsd(mask, gt_mask)
+            parts["lmvsd"] = self._branch_loss(self._lmvsd_logits(images, tokens, mask, txt), logits, gt_mask,
                                                cfg.lambda_v)
         if self._runs(cfg.use_vmlsd, cfg.lambda_t):
-            parts["vmlsd"] = self._branch_loss(self._vmlsd_logits(images, tokens, vis, txt), logits, gt_mask,
+            mask = self.word_mask(vis, txt, tokens)
+            if stats is not None:
+                stats.add_vmlsd(mask, tokens, real_word_mask(tokens))
+            parts["vmlsd"] = self._branch_loss(self._vmlsd_logits(images, tokens, vis, mask), logits, gt_mask,
                                                cfg.lambda_t)
         total = sum(parts.values())
         report = {"seg": 0.0, "lmvsd": 0.0, "vmlsd": 0.0} | {k: float(v.detach()) for k, v in parts.items()}
@@ -115,15 +137,32 @@ class CMMaskSD(nn.Module):
         loss = weight * distill_loss(branch_logits, main_logits, self.cfg.distill_loss)
         return loss + seg_loss(branch_logits, gt_mask) if self.cfg.gt_on_masked else loss
 
+    def mask_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The LMVSD mask grid for a backbone grid: itself, or (H/c) x (W/c) with `mask_cell` c."""
+        cell, stride = self.cfg.mask_cell, self.seg.backbone.patch_stride
+        if cell is None or cell == stride:
+            return tuple(grid)
+        h, w = grid[0] * stride, grid[1] * stride  # a ResNet's input is exactly its grid x 32 px
+        if h % cell or w % cell:
+            raise ValueError(f"mask_cell {cell} must divide the input size {h} x {w}")
+        return h // cell, w // cell
+
     def patch_mask(self, vis: VisualFeatures, txt: TextFeatures) -> torch.Tensor:
-        """B x gh x gw patches to mask for LMVSD, scored by patch-sentence similarity in CLIP's joint space."""
+        """B x gh x gw cells to mask for LMVSD, scored by patch-sentence similarity in CLIP's joint space.
+
+        On a cell grid other than the backbone's, the score map is resampled to it (bilinear).
+        """
         with torch.no_grad():
             patches = vis.joint.flatten(2).transpose(1, 2).float()  # B x N x E
             scores = F.cosine_similarity(patches, txt.sentence.float()[:, None], dim=-1)
+            grid = self.mask_grid(vis.grid)
+            if grid != tuple(vis.grid):
+                scores = F.interpolate(scores.view(-1, 1, *vis.grid), size=grid, mode="bilinear",
+                                       align_corners=False).flatten(1)
             b, n = scores.shape
             k = mask_count(self.cfg.mask_ratio_v, torch.full((b,), n, device=scores.device))
             picked = select_masked(scores, k, self.cfg.strategy, self.cfg.sample_temperature)
-        return picked.view(b, *vis.grid)
+        return picked.view(b, *grid)
 
     def word_mask(self, vis: VisualFeatures, txt: TextFeatures, tokens: torch.Tensor) -> torch.Tensor:
         """B x L words to mask for VMLSD, scored by word-image similarity (image = mean joint patch feature)."""
@@ -135,12 +174,12 @@ class CMMaskSD(nn.Module):
             k = mask_count(self.cfg.mask_ratio_t, real.sum(dim=1))
             return select_masked(scores, k, self.cfg.strategy, self.cfg.sample_temperature, valid=real)
 
-    def _lmvsd_logits(self, images, tokens, vis: VisualFeatures, txt: TextFeatures) -> torch.Tensor:
+    def _lmvsd_logits(self, images, tokens, patch_mask: torch.Tensor, txt: TextFeatures) -> torch.Tensor:
         net = self.masked_net
-        masked_vis = net.encode_image(images, self.patch_mask(vis, txt))
+        masked_vis = net.encode_image(images, patch_mask)
         return net.decode(masked_vis, txt if net is self.seg else net.encode_text(tokens))
 
-    def _vmlsd_logits(self, images, tokens, vis: VisualFeatures, txt: TextFeatures) -> torch.Tensor:
+    def _vmlsd_logits(self, images, tokens, vis: VisualFeatures, word_mask: torch.Tensor) -> torch.Tensor:
         net = self.masked_net
-        masked_txt = net.encode_text(tokens, self.word_mask(vis, txt, tokens))
+        masked_txt = net.encode_text(tokens, word_mask)
         return net.decode(vis if net is self.seg else net.encode_image(images), masked_txt)

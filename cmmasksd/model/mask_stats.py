@@ -1,0 +1,89 @@
+"""Are the masks language-guided? Hit rates of the masks the branches draw, against chance.
+
+- `mask/lmvsd_hit`: masked image area on the referred object / masked image area.
+  `mask/lmvsd_chance`: object area / image area over the same samples (what a uniformly random
+  mask hits on average). Both at input resolution, letterbox border included.
+- `mask/vmlsd_hit`: masked content tokens / masked tokens.
+  `mask/vmlsd_chance`: content tokens / real tokens (not SOT, EOT or padding) of the same samples.
+
+hit / chance > 1 means the mask prefers the object (the content words). Counts are summed over
+an epoch and divided once, so every masked pixel (token) weighs the same whatever the batch.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+# Function words only: for RIS, position words ("left", "above", "behind") and even generic
+# nouns ("object") say where or what the object is, so they count as content.
+STOP_WORDS = (
+    "a", "an", "the", "this", "that", "these", "those", "of", "to", "in", "on", "at", "by", "with",
+    "from", "for", "as", "and", "or", "is", "are", "it", "its", "his", "her", "their", "who", "which",
+    ",", ".", "'s",
+)
+
+
+@cache
+def stop_token_ids(device: torch.device | str = "cpu") -> torch.Tensor:
+    """CLIP BPE ids of `STOP_WORDS` (each a single token); every other real token is content.
+
+    A stop list rather than a content list: it carries to real data with an open vocabulary, and
+    a word split into several BPE pieces ("leftmost" = "left" + "most") counts once per piece,
+    as VMLSD masks pieces. On RefShapes it leaves exactly the generator's colour, shape, size and
+    position words (and the generic nouns) as content.
+    """
+    tokenizer = open_clip.SimpleTokenizer()
+    return torch.tensor([i for word in STOP_WORDS for i in tokenizer.encode(word)], device=device)
+
+
+def content_token_mask(tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """B x L, True at the real tokens that are not stop words."""
+    return real & ~torch.isin(tokens, stop_token_ids(tokens.device))
+
+
+class MaskStats:
+    """Sums of the counts behind the hit rates; `CMMaskSD.training_loss(..., stats=)` adds to them."""
+
+    def __init__(self):
+        # branch -> [hit, masked, chance numerator, chance denominator], on the device: no sync per step
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def _add(self, branch: str, *counts: torch.Tensor) -> None:
+        counts = torch.stack(counts).double()
+        self.sums[branch] = self.sums[branch] + counts if branch in self.sums else counts
+
+    @torch.no_grad()
+    def add_lmvsd(self, masked: torch.Tensor, gt_mask: torch.Tensor) -> None:
+        """masked: B x gh x gw cells (True = masked); gt_mask: B x 1 x H x W, 1 on the object.
+
+        Counted on the area the cells of H // gh px cover from the top left: all of it, except
+        for a ViT whose patch does not divide the input (its patch conv leaves the rest out too).
+        """
+        cell = gt_mask.shape[-2] // masked.shape[-2]
+        on_object = F.avg_pool2d(gt_mask.float(), cell, divisor_override=1)[:, 0]  # object pixels per cell
+        masked = masked.to(on_object.dtype)
+        self._add("lmvsd", (masked * on_object).sum(), masked.sum() * cell**2, on_object.sum(),
+                  on_object.new_tensor(masked.numel() * cell**2))
+
+    @torch.no_grad()
+    def add_vmlsd(self, masked: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor) -> None:
+        """masked, real: B x L bool (masked tokens, the expression's tokens); tokens: B x L ids."""
+        content = content_token_mask(tokens, real)
+        self._add("vmlsd", (masked & content).sum(), masked.sum(), content.sum(), real.sum())
+
+    def metrics(self) -> dict[str, float]:
+        """`mask/<branch>_hit` and `mask/<branch>_chance` for each branch that drew masks."""
+        out = {}
+        for branch, sums in self.sums.items():
+            hit, masked, share, whole = sums.tolist()
+            out[f"mask/{branch}_hit"] = _ratio(hit, masked)
+            out[f"mask/{branch}_chance"] = _ratio(share, whole)
+        return out
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else float("nan")  # nothing masked (e.g. blank text): undefined

@@ -1,0 +1,146 @@
+"""Mask hit rates: the counting on hand-made masks, the content words, and the per-epoch metrics."""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import pytest
+import torch
+
+from cmmasksd.config import MaskSDConfig, build_config, deep_merge
+from cmmasksd.data.refshapes import COLOURS, SHAPES, SIZES
+from cmmasksd.model import create_model
+from cmmasksd.model.mask_stats import STOP_WORDS, MaskStats, content_token_mask, stop_token_ids
+from cmmasksd.model.masksd import real_word_mask, select_masked
+from cmmasksd.train import train
+from test_train import tiny_config
+
+KEYS = {"mask/lmvsd_hit", "mask/lmvsd_chance", "mask/vmlsd_hit", "mask/vmlsd_chance"}
+
+
+def object_and_masks():
+    """An 8 x 8 image whose object is the top-left 4 x 4 quarter, and masks on and off it."""
+    gt = torch.zeros(1, 1, 8, 8)
+    gt[..., :4, :4] = 1.0
+    on, off = torch.zeros(1, 8, 8, dtype=torch.bool), torch.zeros(1, 8, 8, dtype=torch.bool)
+    on[:, :2, :2] = True
+    off[:, 4:, 4:] = True
+    return gt, on, off
+
+
+def test_lmvsd_hit_is_the_masked_share_on_the_object_against_its_area():
+    gt, on, off = object_and_masks()
+    for mask, hit in ((on, 1.0), (off, 0.0)):
+        stats = MaskStats()
+        stats.add_lmvsd(mask, gt)
+        assert stats.metrics() == {"mask/lmvsd_hit": hit, "mask/lmvsd_chance": 16 / 64}
+
+
+def test_lmvsd_counts_cells_of_several_pixels():
+    gt, _, _ = object_and_masks()
+    cells = torch.tensor([[[True, True], [False, False]]])  # 4 px cells: the object's and the one right of it
+    stats = MaskStats()
+    stats.add_lmvsd(cells, gt)
+    assert stats.metrics() == {"mask/lmvsd_hit": 0.5, "mask/lmvsd_chance": 16 / 64}
+
+
+def test_hit_rates_weigh_every_masked_pixel_not_every_batch():
+    gt, on, off = object_and_masks()
+    stats = MaskStats()
+    stats.add_lmvsd(on, gt)  # 4 px masked, all on the object
+    stats.add_lmvsd(on | off, torch.zeros_like(gt))  # 20 px masked, no object: 4 of 24 on an object
+    assert stats.metrics() == {"mask/lmvsd_hit": 4 / 24, "mask/lmvsd_chance": 16 / 128}
+
+
+def test_random_masks_hit_the_object_at_chance():
+    torch.manual_seed(0)
+    gt = torch.zeros(4000, 1, 8, 8)
+    gt[..., :3, 2:7] = 1.0  # 15 of 64 cells
+    masked = select_masked(torch.zeros(4000, 64), torch.full((4000,), 16), "random", 0.1).view(4000, 8, 8)
+    stats = MaskStats()
+    stats.add_lmvsd(masked, gt)
+    metrics = stats.metrics()
+    assert metrics["mask/lmvsd_chance"] == 15 / 64
+    assert metrics["mask/lmvsd_hit"] == pytest.approx(15 / 64, abs=0.01)
+
+
+def tokenize(*texts: str) -> torch.Tensor:
+    return open_clip.SimpleTokenizer(context_length=17)(list(texts))
+
+
+def test_vmlsd_hit_counts_masked_content_words_against_their_share():
+    tokens = tokenize("the red circle to the left of the blue square")  # content: red circle left blue square
+    real = real_word_mask(tokens)
+    masked = torch.zeros_like(real)
+    masked[0, [1, 2, 5]] = True  # "the", "red", the second "the"
+    stats = MaskStats()
+    stats.add_vmlsd(masked, tokens, real)
+    assert stats.metrics() == {"mask/vmlsd_hit": 1 / 3, "mask/vmlsd_chance": 5 / 10}
+
+
+def test_refshapes_position_colour_shape_and_size_words_are_content():
+    content = [*COLOURS, *SHAPES, *SIZES, "big", "largest", "smallest", "leftmost", "rightmost", "top", "bottom",
+               "left", "right", "above", "below", "object", "shape"]
+    function = ["the", "to", "of", "on", "at"]
+    tokens = tokenize(" ".join(content), " ".join(function))
+    real = real_word_mask(tokens)
+    content_mask = content_token_mask(tokens, real)
+    assert torch.equal(content_mask[0], real[0]) and not content_mask[1].any()
+    assert len(stop_token_ids()) == len(STOP_WORDS)  # every stop word is one BPE token
+
+
+def test_no_masks_no_metrics_and_nothing_masked_is_nan():
+    assert MaskStats().metrics() == {}
+    tokens = tokenize("")
+    stats = MaskStats()
+    stats.add_vmlsd(torch.zeros_like(tokens, dtype=torch.bool), tokens, real_word_mask(tokens))
+    assert all(math.isnan(v) for v in stats.metrics().values()) and len(stats.metrics()) == 2
+
+
+def one_epoch(prepared_root, out_dir, **masksd) -> dict[str, float]:
+    config = deep_merge(tiny_config(prepared_root, out_dir, **masksd), {
+        "data": {"max_train_objects": 16, "max_eval_expressions": 8},
+        "optim": {"epochs": 1, "milestones": []}, "num_overlays": 0,
+    })
+    epochs = []
+    train(build_config(config), on_epoch=lambda report: epochs.append(report.metrics))
+    return epochs[0]
+
+
+def test_epoch_metrics_hold_the_hit_rates_only_when_the_branches_run(prepared_root, tmp_path):
+    metrics = one_epoch(prepared_root, tmp_path / "both", mask_cell=8)  # 64 px: an 8 x 8 grid of 8 px cells
+    assert KEYS <= set(metrics) and all(0.0 <= metrics[k] <= 1.0 for k in KEYS)
+    baseline = one_epoch(prepared_root, tmp_path / "none", branches="none")
+    assert not any(k.startswith("mask/") for k in baseline)
+
+
+def training_stats(cfg: MaskSDConfig) -> MaskStats:
+    """The counts of one tiny RN training step at 96 px."""
+    torch.manual_seed(0)
+    model = create_model("cris-tiny-rn", cfg).train()
+    images = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    gt = (torch.rand(2, 1, 96, 96) > 0.5).float()
+    stats = MaskStats()
+    loss, _ = model.training_loss(images, tokenize("the red circle", "the small blue square on the left"), gt, stats)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    return stats
+
+
+@pytest.mark.parametrize("switches,reported", [({"branches": "lmvsd"}, "lmvsd"), ({"lambda_v": 0.0}, "vmlsd")],
+                         ids=["vmlsd-off", "lmvsd-weight-0"])
+def test_a_branch_that_does_not_run_reports_nothing(switches, reported):
+    keys = training_stats(MaskSDConfig(**switches)).metrics()
+    assert set(keys) == {f"mask/{reported}_hit", f"mask/{reported}_chance"}
+
+
+def test_cell_mask_at_96px_trains_and_counts_for_corr_top_and_random():
+    runs = {strategy: training_stats(MaskSDConfig(mask_cell=12, strategy=strategy))
+            for strategy in ("corr_top", "random")}
+    for stats in runs.values():
+        assert stats.sums["lmvsd"][1] == 2 * 32 * 12 * 12  # masked px: round(0.5 * 64) cells of 12 x 12 px each
+        metrics = stats.metrics()
+        assert set(metrics) == KEYS and all(0.0 <= v <= 1.0 for v in metrics.values())
+    for key in ("mask/lmvsd_chance", "mask/vmlsd_chance"):  # the same samples, whatever the strategy
+        assert runs["corr_top"].metrics()[key] == runs["random"].metrics()[key]
