@@ -7,7 +7,8 @@ child run per trial (tags `cmmasksd.role=trial`, `cmmasksd.trial_id`, `cmmasksd.
 and the same identity tags). Both carry the prepared data as an MLflow dataset input.
 Metric names (the report stage depends on them):
 - per epoch (step = epoch): `train/loss`, `train/seg`, `train/lmvsd`, `train/vmlsd`,
-  `val/miou`, `val/oiou`, `val/prec_50..90`, `lr`, `epoch_time_s`, `step_time_s`;
+  `val/miou`, `val/oiou`, `val/prec_50..90`, `lr`, `epoch_time_s`, `step_time_s`, and where the
+  branches' masks fell: `mask/lmvsd_hit`, `mask/lmvsd_chance`, `mask/vmlsd_hit`, `mask/vmlsd_chance`;
 - final, with the val-selected weights: `final/<split>/<metric>`, `cost/step_time_s`,
   `cost/peak_mem_mb`, `cost/params_total`, `cost/params_baseline`, `cost/params_extra`, `best_epoch`.
 Artifacts: `per_expression/per_expression_<split>.csv`, `figures/*.png`, `results.json`.

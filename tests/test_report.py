@@ -88,6 +88,8 @@ def log_trial(client, experiment_id, parent_id, tmp_path, variant, status="FINIS
     final = {f"final/{split}/{k}": v for split, t in tables.items()
              for k, v in summarize(t["inter"].to_numpy(), t["union"].to_numpy()).items()}
     extra = 0 if overrides["masksd.branches"] == "none" else 256
+    if overrides["masksd.branches"] in ("lmvsd", "both"):
+        final |= {"mask/lmvsd_hit": 0.4 + 0.01 * seed, "mask/lmvsd_chance": 0.2}
     final |= {"cost/step_time_s": 0.5 + extra / 512, "cost/peak_mem_mb": 900.0 + extra,
               "cost/params_total": 1e6 + extra, "cost/params_baseline": 1e6, "cost/params_extra": extra,
               "best_epoch": 3}
@@ -201,6 +203,15 @@ def test_power_line_uses_the_baseline_seed_spread(report):
     assert f"sd of the paired per-seed Δ = {sd_delta:.2f} points" in md
     assert f"smallest Δ detectable at 80 % power (α = 0.05) is {2.801585 * sd_delta / np.sqrt(3):.2f} points" in md
     assert f"a 1-point Δ needs {max(2, needed)} seeds" in md
+
+
+def test_mask_hit_rates_are_summarised_per_variant(report, long):
+    assert cell(long, "variants", "both", metric="lmvsd_hit")["mean"] == pytest.approx(0.41)  # seeds 0, 1, 2
+    assert cell(long, "variants", "both", metric="lmvsd_chance")["mean"] == pytest.approx(0.2)
+    section = (report.out / "ablation.md").read_text().split("## All variants: val (selection split)")[1]
+    lines = {line.split("|")[1].strip(): line for line in section.split("\n## ")[0].splitlines() if line.startswith("| ")}
+    assert "| 0.41 (0.20) " in lines["both"] and "(0.20)" not in lines["vmlsd"]
+    assert "masked content words (chance)" not in section.split("\n## ")[0]  # no VMLSD diagnostics logged
 
 
 def test_cost_and_other_splits_are_reported(long):

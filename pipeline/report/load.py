@@ -76,7 +76,9 @@ def load_trials(tracking_uri: str, parent_run_id: str) -> pd.DataFrame:
             "variant_key": r.data.tags[OVERRIDES],
             "overrides": json.loads(r.data.tags[OVERRIDES]),
             **{k: typed(v) for k, v in r.data.params.items()},
-            **{k: v for k, v in r.data.metrics.items() if k.startswith(("final/", "cost/")) or k == "best_epoch"},
+            # final/ and cost/ once per trial; mask/ per epoch, of which MLflow keeps the last here
+            **{k: v for k, v in r.data.metrics.items() if k.startswith(("final/", "cost/", "mask/"))
+               or k == "best_epoch"},
         })
     trials = pd.DataFrame(rows)
     trials["seed"] = trials["seed"].astype(int)

@@ -67,6 +67,14 @@ def t_interval(rec) -> str:
     return "" if math.isnan(low) else f"[{100 * low:+.2f}, {100 * rec['t_high']:+.2f}]"
 
 
+def hit_rate(m: dict, branch: str) -> str:
+    """`0.41 (0.18)`: the share of a branch's masks on the object (content words), chance in brackets."""
+    hit, chance = m.get(f"{branch}_hit"), m.get(f"{branch}_chance")
+    if hit is None or chance is None or math.isnan(_num(hit["mean"])):
+        return ""
+    return f"{hit['mean']:.2f} ({chance['mean']:.2f})"
+
+
 def _cells(table: pd.DataFrame, split: str) -> dict[tuple, dict]:
     """{(row, col): {metric: record}} for one split."""
     cells: dict[tuple, dict] = {}
@@ -90,12 +98,13 @@ def variants_frame(table: pd.DataFrame, split: str, baseline: str | None, style:
                 "p ": "" if base else p_value(m.get("oiou")),
                 f"seed t-int. {style.delta} mIoU": "" if base else t_interval(m.get("miou")),
                 **{f"P@0.{t}": score(m.get(f"prec_{t}0"), style) for t in (5, 7, 9)},
+                "mask on object (chance)": hit_rate(m, "lmvsd"), "masked content words (chance)": hit_rate(m, "vmlsd"),
                 "step (s)": "" if math.isnan(cost["step_time_s"]) else f"{cost['step_time_s']:.3f}",
                 "extra params": "" if math.isnan(cost["params_extra"]) else f"{cost['params_extra']:,.0f}"}
         lines.append(line)
     frame = pd.DataFrame(lines)
-    t_column = f"seed t-int. {style.delta} mIoU"
-    return frame.drop(columns=[t_column]) if t_column in frame and not frame[t_column].any() else frame
+    optional = [f"seed t-int. {style.delta} mIoU", "mask on object (chance)", "masked content words (chance)"]
+    return frame.drop(columns=[c for c in optional if c in frame and not frame[c].any()])
 
 
 def axis_frame(section: Section, splits: list[str], baseline: str | None, style: Style) -> pd.DataFrame:
@@ -174,6 +183,9 @@ def legend(n_boot: int, seed: int, splits: list[str]) -> str:
         "(`cmmasksd/stats.py`). With 1 seed in an arm it is the bootstrap over images only. **p**: the "
         "probability that Δ has the other sign (P(Δ <= 0) for a positive Δ), the larger of the bootstrap's "
         "and the t-test's. **†**: significant, i.e. the interval excludes 0 and both arms have >= 2 seeds.",
+        "- **mask on object (chance)**: share of the LMVSD-masked image area on the referred object in the "
+        "last training epoch, and the object's share of the image (what random masking hits); **masked "
+        "content words (chance)**: the same for VMLSD's masked words. Above chance = the masks are guided.",
         "- A row is one variant: every seed of the same overrides, nothing else. `ablation.csv` holds every "
         "table, split and metric in long form (scores as fractions).",
     ])

@@ -25,6 +25,8 @@ SELECT_SPLIT = "val"  # variants and grid cells are chosen on val only
 DELTA_METRICS = ("miou", "oiou")  # computed from per-expression counts, so they get intervals
 COSTS = {"step_time_s": "cost/step_time_s", "peak_mem_mb": "cost/peak_mem_mb",
          "params_total": "cost/params_total", "params_extra": "cost/params_extra"}
+# where the last epoch's training masks fell, against chance (`cmmasksd.model.mask_stats`)
+MASK_HITS = {name: f"mask/{name}" for name in ("lmvsd_hit", "lmvsd_chance", "vmlsd_hit", "vmlsd_chance")}
 BRANCH_ROWS = {"none": "CRIS baseline", "lmvsd": "+LMVSD", "vmlsd": "+VMLSD", "both": "+LMVSD +VMLSD"}
 TITLES = {"masksd.branches": "Branches", "masksd.strategy": "Masking strategy",
           "masksd.weights": "Weight sharing of the masked branches", "masksd.distill_loss": "Distillation loss",
@@ -104,7 +106,7 @@ class Sweep:
         return cached
 
     def _compute(self, variant: Variant, split: str) -> dict[str, dict]:
-        columns = {**{m: f"final/{split}/{m}" for m in METRIC_NAMES}, **COSTS}
+        columns = {**{m: f"final/{split}/{m}" for m in METRIC_NAMES}, **COSTS, **MASK_HITS}
         base = self.baseline
         records = {}
         for metric, column in columns.items():
