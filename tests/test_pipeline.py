@@ -41,7 +41,8 @@ def free_port() -> int:
 
 
 TINY_TRAIN = {"optim": {"epochs": 2, "milestones": [], "batch_size": 8},
-              "data": {"max_train_objects": 16, "max_eval_expressions": 8}, "num_overlays": 1}
+              "data": {"max_train_objects": 16, "max_eval_expressions": 8}, "num_overlays": 1,
+              "masksd": {"mask_cell": 8}}  # 64 px images here: an 8 x 8 mask grid, as 12 px at 96 px
 
 
 def make_repo(tmp_path: Path, prepared_root: Path | None, train: dict | None = None, **changes) -> Path:
@@ -62,6 +63,7 @@ def make_repo(tmp_path: Path, prepared_root: Path | None, train: dict | None = N
         "preprocess.refshapes.size": 64,
         "train.overrides": deep_merge(TINY_TRAIN, train or {}),
         "sweep.variants": [{"masksd.branches": "both"}],
+        "sweep.seeds": [0],
         "sweep.max_concurrent": 2,
         **changes,
     }
