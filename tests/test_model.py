@@ -133,11 +133,8 @@ def test_baseline_backbone_has_no_mask_tokens():
 # ---- masking ---------------------------------------------------------------------------------
 
 
-def test_resnet_patch_mask_zeroes_exactly_the_masked_cells(tiny_cris):
-    backbone = tiny_cris["rn"].backbone.eval()
-    images, _, _ = make_batch(64)
-    mask = torch.zeros(2, 2, 2, dtype=torch.bool)
-    mask[0, 0, 1] = True
+def conv1_input(backbone, images, mask):
+    """What the ResNet stem sees when `mask` is applied: the masked, normalised input."""
     seen = {}
     handle = backbone.clip.visual.conv1.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
     try:
@@ -145,7 +142,15 @@ def test_resnet_patch_mask_zeroes_exactly_the_masked_cells(tiny_cris):
             backbone.encode_image(images, mask)
     finally:
         handle.remove()
-    x, clean = seen["x"], backbone.normalize(images)
+    return seen["x"]
+
+
+def test_resnet_patch_mask_zeroes_exactly_the_masked_cells(tiny_cris):
+    backbone = tiny_cris["rn"].backbone.eval()
+    images, _, _ = make_batch(64)
+    mask = torch.zeros(2, 2, 2, dtype=torch.bool)
+    mask[0, 0, 1] = True
+    x, clean = conv1_input(backbone, images, mask), backbone.normalize(images)
     assert torch.all(x[0, :, :32, 32:] == 0)
     assert torch.equal(x[0, :, :32, :32], clean[0, :, :32, :32]) and torch.equal(x[1], clean[1])
 
@@ -168,15 +173,8 @@ def test_resnet_cell_mask_zeroes_exactly_the_chosen_12px_cells(tiny_cris):
     with torch.no_grad():
         mask = model.patch_mask(backbone.encode_image(images), backbone.encode_text(tokens))
     assert mask.shape == (2, 8, 8) and mask.sum((1, 2)).tolist() == [round(0.3 * 64)] * 2
-    seen = {}
-    handle = backbone.clip.visual.conv1.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
-    try:
-        with torch.no_grad():
-            backbone.encode_image(images, mask)
-    finally:
-        handle.remove()
     pixels = mask[:, :, None, :, None].expand(2, 8, 12, 8, 12).reshape(2, 1, 96, 96).expand(-1, 3, -1, -1)
-    x, clean = seen["x"], backbone.normalize(images)
+    x, clean = conv1_input(backbone, images, mask), backbone.normalize(images)
     assert torch.all(x[pixels] == 0) and torch.equal(x[~pixels], clean[~pixels])
 
 
