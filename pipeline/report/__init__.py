@@ -68,11 +68,10 @@ def published_table(dataset: str, ours: dict[str, dict[str, float]]) -> pd.DataF
     return pd.DataFrame(rows, columns=["row", *splits])
 
 
-def summary_metrics(sweep: Sweep | None, n_trials: int, n_missing: int) -> dict:
+def summary_metrics(sweep: Sweep | None, best, n_trials: int, n_missing: int) -> dict:
     """Flat numbers for `dvc metrics show` and the parent run; null where the sweep cannot say."""
     metrics = {"n_trials": n_trials, "n_failed": n_missing}
     base = sweep.baseline if sweep else None
-    best = best_variant(sweep) if sweep else None
 
     def get(variant, metric, field="mean", split=SELECT_SPLIT):
         value = sweep.stats(variant, split).get(metric, {}).get(field) if variant is not None else None
@@ -161,7 +160,7 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
     tables = [s.table for s in sections if not s.table.empty]
     long = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=LONG_COLUMNS)
     _write(out / "ablation.csv", long.to_csv(index=False))
-    metrics = summary_metrics(sweep, len(trials), len(missing))
+    metrics = summary_metrics(sweep, best, len(trials), len(missing))
     metrics["placeholder_figures"] = len(placeholders)
     _write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
@@ -178,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-file", type=Path, default=Path("sweep/sweep.json"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
-    params = (yaml.safe_load(args.params.read_text()) or {}).get("report") or {} if args.params.exists() else {}
+    params = {}
+    if args.params.exists():
+        params = (yaml.safe_load(args.params.read_text()) or {}).get("report") or {}
     sweep = json.loads(args.sweep_file.read_text())
     grids = [tuple(g) for g in params.get("grids", DEFAULT_GRIDS)]
     metrics = build_report(sweep["tracking_uri"], sweep["parent_run_id"], args.out,

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cmmasksd.metrics import METRIC_NAMES
-from cmmasksd.stats import compare_tables, seed_summary
+from cmmasksd.stats import compare_tables, power_line, seed_summary
 from pipeline.report.load import typed
 
 BASELINE_KEY = json.dumps({"masksd.branches": "none"}, sort_keys=True)
@@ -224,8 +224,6 @@ def best_variant(sweep: Sweep) -> Variant | None:
 def power(sweep: Sweep, split: str) -> dict:
     """What this sweep could detect on a split: the baseline's seed std, the paired per-seed delta sd
     pooled over the variants (when seeds are paired), and the seed counts (see `cmmasksd.stats.power_line`)."""
-    from cmmasksd.stats import power_line
-
     base = sweep.baseline
     if base is None:
         return {}
