@@ -72,6 +72,10 @@ class MaskSDConfig(_Strict):
     gt_on_masked: bool = False
     weights: Literal["shared", "separate"] = "shared"
     sample_temperature: float = Field(default=0.1, gt=0.0)  # for strategy corr_sample
+    # The patch features the masks are scored on. values: each patch's value path into CLIP's joint
+    # space (MaskCLIP); attention: CRIS's per-position attention-pool output, which in CLIP localises
+    # the wrong way round (CLIP Surgery; measured on the pretrained tiny CLIP: design notes of masksd).
+    correlation: Literal["values", "attention"] = "values"
     # LMVSD masking cell in pixels; None: the backbone's own (32 for ResNet, the patch size for ViT).
     # A ViT masks whole tokens, so it accepts only its patch size (checked when the model is built).
     mask_cell: int | None = Field(default=None, gt=0)
@@ -97,7 +101,7 @@ class OptimConfig(_Strict):
     gamma: float = Field(default=0.1, gt=0.0)
     batch_size: int = Field(default=64, ge=1)
     grad_clip: float | None = Field(default=None, gt=0.0)
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16); else fp32
 
     @field_validator("milestones")
     @classmethod
@@ -118,6 +122,31 @@ class TrainConfig(_Strict):
     out_dir: Path = Path("runs/default")
     eval_threshold: float = Field(default=0.35, gt=0.0, lt=1.0)  # CRIS's threshold
     num_overlays: int = Field(default=4, ge=0)  # prediction overlays saved after training
+
+
+class PretrainConfig(_Strict):
+    """Contrastive pretraining of a CLIP on a dataset's captions (`cmmasksd.pretrain`).
+
+    The embedded default's stand-in for `openai` weights: the tiny CLIP learns RefShapes'
+    colour, shape, size and position words on its regions before CRIS is fine-tuned from it.
+    """
+
+    raw_dir: Path  # the refer layout with annotation attributes (RefShapes)
+    split_by: str = "unc"
+    train_split: str = "train"
+    val_split: str = "val"
+    clip: str = "tiny-rn"
+    epochs: int = Field(default=12, ge=1)
+    batch_size: int = Field(default=128, ge=2)
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.1, ge=0.0)
+    warmup_steps: int = Field(default=50, ge=0)
+    seed: int = 0
+    threads: int | None = Field(default=None, ge=1)
+    out: Path = Path("data/pretrained/tiny-rn-refshapes.pt")  # the open_clip-loadable state dict
+    work_dir: Path = Path("runs/pretrain")  # last.pt for resuming; outside DVC's outputs
+    mask_cell: int = Field(default=12, gt=0)  # the LMVSD cell the zero-shot mask hit rate uses
+    mask_ratio: float = Field(default=0.5, gt=0.0, lt=1.0)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -6,7 +6,8 @@ The grid comes from `params.yaml` (`sweep.variants` x `sweep.seeds`, plus the CR
 Every trial checkpoints each epoch through Tune; a failed trial is retried from its last
 checkpoint (`sweep.max_failures`), and rerunning an interrupted sweep restores it
 (`Tuner.restore`) so finished trials are not trained again. The Ray experiment is named after a
-hash of everything that can change a result (code, resolved base config, grid, data: see
+hash of everything that can change a result (code, resolved base config with the pretrained
+weights' digest, grid, data: see
 `pipeline.identity`), so a changed input trains a new experiment instead of restoring stale trials. Ray's storage lives outside the DVC
 outputs (`ray.storage`); the stage writes `sweep/trials.csv`, `sweep/sweep.json` (the MLflow
 parent run) and `sweep/best_config.yaml`.
@@ -25,6 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from cmmasksd.io.digest import file_sha256
 from pipeline.common import REPO_ROOT, load_params, repo_path, section, setup_logging
 from pipeline.identity import code_digest, data_digest, git_state, sweep_fingerprint
 from pipeline.tracking import (
@@ -105,7 +107,11 @@ def base_config(params: dict[str, Any]) -> dict[str, Any]:
     from cmmasksd.config import deep_merge, read_profile
 
     train = section(params, "train")
-    return deep_merge(read_profile(train["profile"]), train.get("overrides") or {})
+    base = deep_merge(read_profile(train["profile"]), train.get("overrides") or {})
+    model = base.get("model")
+    if isinstance(model, dict) and isinstance(model.get("pretrained"), str) and repo_path(model["pretrained"]).is_file():
+        base["model"] = {**model, "pretrained": str(repo_path(model["pretrained"]))}  # trials run elsewhere
+    return base
 
 
 def resolved_base(base: dict[str, Any]) -> dict[str, Any]:
@@ -118,6 +124,9 @@ def resolved_base(base: dict[str, Any]) -> dict[str, Any]:
     for key in ("out_dir", "threads"):
         resolved.pop(key)
     resolved["data"].pop("prepared_dir")
+    weights = resolved["model"]["pretrained"]
+    if weights is not None and Path(weights).is_file():  # the weights' content, wherever they lie
+        resolved["model"]["pretrained"] = f"sha256:{file_sha256(Path(weights))}"
     return resolved
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from cmmasksd.config import MaskSDConfig
 from cmmasksd.model import CMMaskSD, TextFeatures, VisualFeatures, create_cris, get_model_config, parameter_report
-from cmmasksd.model.backbone import spatial_attention_pool
+from cmmasksd.model.backbone import spatial_attention_pool, value_path
 from cmmasksd.model.masksd import mask_count, real_word_mask, select_masked
 
 SOT, EOT = 49406, 49407
@@ -69,10 +69,22 @@ def test_forward_shapes(tiny_cris, kind, size, word_len):
         assert level.shape == (2, dim, size // stride, size // stride)
     patch = cris.backbone.patch_stride
     assert vis.grid == (size // patch, size // patch)
-    assert vis.joint.shape == (2, cris.backbone.embed_dim, *vis.grid)
+    assert vis.joint.shape == vis.values.shape == (2, cris.backbone.embed_dim, *vis.grid)
     assert txt.words.shape == (2, word_len, cris.backbone.word_dim)
     assert txt.sentence.shape == (2, cris.backbone.embed_dim)
     assert torch.equal(txt.pad_mask, tokens == 0)
+
+
+def test_value_path_is_in_the_pooled_embeddings_space(tiny_cris):
+    # Identical positions (no positional embedding): any attention mixes identical values, so the
+    # pooled output equals every position's value path.
+    pool = copy.deepcopy(tiny_cris["rn"].backbone.clip.visual.attnpool)
+    with torch.no_grad():
+        pool.positional_embedding.zero_()
+        x = torch.randn(2, pool.k_proj.in_features, 1, 1).expand(-1, -1, 3, 3)
+        values = value_path(pool, x)
+        pooled = pool(x)
+    assert torch.allclose(values, pooled[:, :, None, None].expand_as(values), atol=1e-5)
 
 
 def test_resnet_attention_pool_row0_is_open_clip_pooled_output(tiny_cris):
@@ -179,13 +191,14 @@ def test_resnet_cell_mask_zeroes_exactly_the_chosen_12px_cells(tiny_cris):
 
 
 def one_hot_scores(embed: int, grid: tuple[int, int], hot: tuple[int, int]):
-    """Features whose patch-sentence cosine is 1 at patch `hot` and -1 elsewhere."""
+    """Value-path features whose patch-sentence cosine is 1 at patch `hot` and -1 elsewhere (the
+    attention-pool map is noise: the masks are scored on the values by default)."""
     sentence = torch.zeros(1, embed)
     sentence[0, 0] = 1.0
     joint = -sentence.view(1, embed, 1, 1).repeat(1, 1, *grid)
     joint[0, 0, hot[0], hot[1]] = 1.0
     txt = TextFeatures(torch.zeros(1, 3, 8), sentence, torch.zeros(1, 3, dtype=torch.bool))
-    return VisualFeatures([], joint, grid), txt
+    return VisualFeatures([], torch.randn_like(joint), grid, joint), txt
 
 
 @pytest.mark.parametrize("hot,cells", [((0, 0), [0, 1]), ((1, 1), [3, 4])])
@@ -228,12 +241,16 @@ def test_corr_top_and_bottom_pick_the_most_and_least_correlated_patches(tiny_cri
     cosines = torch.tensor([0.9, -0.5, 0.1, 0.7, -0.9, 0.3, 0.0, 0.5])  # 2 x 4 grid, k = 2
     joint = torch.zeros(1, embed, 8)
     joint[0, 0], joint[0, 1] = cosines, torch.sqrt(1 - cosines**2)
-    vis = VisualFeatures([], joint.view(1, embed, 2, 4), (2, 4))
+    dense, noise = joint.view(1, embed, 2, 4), torch.randn(1, embed, 2, 4)
+    vis = VisualFeatures([], noise, (2, 4), dense)
     txt = TextFeatures(torch.zeros(1, 3, 8), sentence, torch.zeros(1, 3, dtype=torch.bool))
     top = model.patch_mask(vis, txt).flatten()
     assert top.nonzero().flatten().tolist() == [0, 3]
     model.cfg = MaskSDConfig(mask_ratio_v=0.25, strategy="corr_bottom")
     assert model.patch_mask(vis, txt).flatten().nonzero().flatten().tolist() == [1, 4]
+    # correlation: attention scores CRIS's attention-pool map instead
+    model.cfg = MaskSDConfig(mask_ratio_v=0.25, correlation="attention")
+    assert model.patch_mask(VisualFeatures([], dense, (2, 4), noise), txt).flatten().nonzero().flatten().tolist() == [0, 3]
 
 
 def test_word_mask_scores_only_real_words_against_the_global_image(tiny_cris):
@@ -248,7 +265,8 @@ def test_word_mask_scores_only_real_words_against_the_global_image(tiny_cris):
     proj = backbone.clip.text_projection.detach()
     words = targets @ torch.linalg.pinv(proj)
     scores = F.cosine_similarity(words @ proj, image_dir.expand(2, 1, embed), dim=-1)
-    vis = VisualFeatures([], image_dir.view(1, embed, 1, 1).expand(2, -1, 2, 2).clone(), (2, 2))
+    image_map = image_dir.view(1, embed, 1, 1).expand(2, -1, 2, 2).clone()
+    vis = VisualFeatures([], torch.randn_like(image_map), (2, 2), image_map)
     txt = TextFeatures(words, torch.zeros(2, embed), tokens == 0)
     chosen = model.word_mask(vis, txt, tokens)
     real = real_word_mask(tokens)

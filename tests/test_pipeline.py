@@ -57,10 +57,13 @@ def make_repo(tmp_path: Path, prepared_root: Path | None, train: dict | None = N
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy2(PROJECT / name, repo / name)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    if prepared_root is not None:  # no pretrain stage runs: start from random weights
+        train = deep_merge({"model": {"pretrained": None}}, train or {})
     tiny = {
         "fetch.refshapes.generate": {"seed": 0, "image_size": 64,
                                      "images": {"train": 16, "val": 8, "testA": 4, "testB": 4}},
         "preprocess.refshapes.size": 64,
+        "pretrain.epochs": 1, "pretrain.batch_size": 8, "pretrain.warmup_steps": 1, "pretrain.threads": 1,
         "train.overrides": deep_merge(TINY_TRAIN, train or {}),
         "sweep.variants": [{"masksd.branches": "both"}],
         "sweep.seeds": [0],
@@ -350,13 +353,18 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     commit = sh("git", "rev-parse", "HEAD").stdout.strip()
     assert {r.data.tags["mlflow.source.git.commit"] for r in runs} == {commit}
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"fetch@refshapes", "preprocess@refshapes", "sweep", "report"}
+    assert set(lock["stages"]) == {"fetch@refshapes", "preprocess@refshapes", "pretrain", "sweep", "report"}
+    pretrained = str((repo / "data" / "pretrained" / "tiny-rn-refshapes.pt").resolve())
+    assert {r.data.params["model.pretrained"] for r in runs} == {pretrained}  # every trial starts from it
+    assert sorted(p.name for p in (repo / "reports" / "curves").glob("*.csv")) == ["both_seed0.csv", "cris_seed0.csv"]
+    assert "reports/curves" in sh("dvc", "plots", "show", "--json").stdout
 
     again = sh("dvc", "repro")
     assert "Data and pipelines are up to date" in again.stdout
     shown = sh("dvc", "metrics", "show", "--json")
     (workspace,) = json.loads(shown.stdout).values()  # keyed by revision: "" is the workspace
     assert workspace["data"]["reports/metrics.json"]["data"] == metrics
+    assert workspace["data"]["reports/pretrain.json"]["data"]["pretrained"]["object_top1"] >= 0
 
     # an experiment with a changed sweep param: only the sweep and report stages run again; variants
     # that differ outside masksd.* stay apart, and one seed marks nothing

@@ -4,7 +4,8 @@ Scenes of 2-4 filled circles, squares and triangles; distractors copy another ob
 change one or two attributes, so an expression has to name the right ones. Every expression
 is parsed back and resolved against its scene, and kept only if it picks out its target alone
 (with a safety margin for positional words). The files are those of RefCOCO (`instances.json`,
-`refs(unc).p`, `train2014/*.jpg`), so the real pipeline runs on them unchanged.
+`refs(unc).p`, `train2014/*.jpg`), so the real pipeline runs on them unchanged; each annotation also
+carries its object's `attributes` (shape, colour, size), from which pretraining writes captions.
 Like RefCOCO, testA's targets are one family (circles) and testB's the others.
 """
 
@@ -380,6 +381,7 @@ def generate_refshapes(out_dir: str | Path, cfg: RefShapesConfig | None = None) 
                     "id": first_ann + k, "image_id": image_id, "category_id": CATEGORY_IDS[shape.shape],
                     "segmentation": [poly], "area": float(mask_utils.area(rle)),
                     "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
+                    "attributes": {"shape": shape.shape, "colour": shape.colour, "size": shape.size},
                 })
             for k, texts in described:
                 refs.append(_ref(len(refs), first_ann + k, image_id, scene[k], split, texts, n_sentences))

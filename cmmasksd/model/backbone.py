@@ -28,6 +28,7 @@ class VisualFeatures:
     levels: list[torch.Tensor]  # [f8, f16, f32]: B x C_i x S/8, S/16, S/32
     joint: torch.Tensor  # B x embed_dim x gh x gw: patch features in CLIP's joint space
     grid: tuple[int, int]  # (gh, gw): the patch grid a `patch_mask` refers to
+    values: torch.Tensor  # B x embed_dim x gh x gw: each patch's value path into the joint space
 
 
 @dataclass
@@ -77,6 +78,20 @@ def spatial_attention_pool(pool: AttentionPool2d, x: torch.Tensor) -> torch.Tens
         need_weights=False,
     )
     return out
+
+
+def value_path(pool: AttentionPool2d, x: torch.Tensor) -> torch.Tensor:
+    """Each position's own value, projected as the pool projects its output: c_proj(v_proj(x + pos)).
+
+    The pooled embedding is c_proj of an attention-weighted mix of these values (head by head), so
+    they are dense features in the joint space that no query mixes (MaskCLIP's reading of CLIP).
+    B x C x H x W -> B x out x H x W.
+    """
+    b, _, h, w = x.shape
+    side = math.isqrt(pool.positional_embedding.shape[0] - 1)
+    pos = resize_pos_embed(pool.positional_embedding, (side, side), (h, w))[1:].to(x.dtype)
+    out = pool.c_proj(pool.v_proj(x.flatten(2).transpose(1, 2) + pos))
+    return out.transpose(1, 2).reshape(b, -1, h, w)
 
 
 def _resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -188,7 +203,7 @@ class ClipBackbone(nn.Module):
         b, _, h, w = c5.shape
         joint = spatial_attention_pool(visual.attnpool, c5)[1:].permute(1, 2, 0).reshape(b, -1, h, w)
         f32 = F.relu(joint + self.pool_residual(c5))
-        return VisualFeatures([f8, f16, f32], joint, (h, w))
+        return VisualFeatures([f8, f16, f32], joint, (h, w), value_path(visual.attnpool, c5))
 
     def _encode_vit(self, x: torch.Tensor, patch_mask: torch.Tensor | None) -> VisualFeatures:
         visual = self.clip.visual
@@ -203,14 +218,29 @@ class ClipBackbone(nn.Module):
         cls = visual.class_embedding.to(x.dtype).expand(b, 1, -1)
         x = torch.cat([cls, x], dim=1)
         x = x + resize_pos_embed(visual.positional_embedding, visual.grid_size, (h, w)).to(x.dtype)
-        x = visual.ln_pre(x)
-        x, taken = visual.transformer.forward_intermediates(x, indices=[i - 1 for i in self.vit_layers])
+        first = visual.ln_pre(x)
+        blocks = len(visual.transformer.resblocks)
+        wanted = sorted({i - 1 for i in self.vit_layers} | ({blocks - 2} if blocks > 1 else set()))
+        x, taken = visual.transformer.forward_intermediates(first, indices=wanted)
+        taken = dict(zip(wanted, taken))
+        before_last = taken.get(blocks - 2, first)  # the last block's input
         levels = [
-            _resample(t[:, 1:].transpose(1, 2).reshape(b, -1, h, w), (size[0] // s, size[1] // s))
-            for t, s in zip(taken, _LEVEL_STRIDES)
+            _resample(taken[i - 1][:, 1:].transpose(1, 2).reshape(b, -1, h, w), (size[0] // s, size[1] // s))
+            for i, s in zip(self.vit_layers, _LEVEL_STRIDES)
         ]
         joint = (visual.ln_post(x[:, 1:]) @ visual.proj).transpose(1, 2).reshape(b, -1, h, w)
-        return VisualFeatures(levels, joint, (h, w))
+        return VisualFeatures(levels, joint, (h, w), self._vit_values(before_last[:, 1:], (h, w)))
+
+    def _vit_values(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The last block's value path alone (no query-key mixing, no residual, no MLP), then CLIP's
+        output norm and projection: MaskCLIP's dense features for a ViT."""
+        visual = self.clip.visual
+        block = visual.transformer.resblocks[-1]
+        attn = block.attn
+        width = attn.embed_dim
+        v = F.linear(block.ln_1(tokens), attn.in_proj_weight[2 * width:], attn.in_proj_bias[2 * width:])
+        out = visual.ln_post(attn.out_proj(v)) @ visual.proj
+        return out.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
     # ---- text --------------------------------------------------------------------------------
 

@@ -23,6 +23,8 @@ from cmmasksd.model.masksd import CMMaskSD
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 CLIP_CONFIG_DIR = CONFIG_DIR / "clip"
 
+_WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors"}
+
 open_clip.add_model_config(CLIP_CONFIG_DIR)
 
 
@@ -56,6 +58,11 @@ def load_clip_weights(clip: CLIP, path: str | Path) -> None:
 
 def create_clip(name: str, pretrained: str | None = None) -> CLIP:
     """An open_clip model: random init (None), a local checkpoint file, or an open_clip tag ("openai")."""
+    looks_like_path = (pretrained is not None and not pretrained.startswith("hf-hub:")
+                       and (Path(pretrained).suffix in _WEIGHT_SUFFIXES or "/" in pretrained))
+    if looks_like_path and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"model.pretrained: {pretrained}: no such file (for the default's tiny CLIP, "
+                                "run `dvc repro pretrain`)")
     if pretrained is None or Path(pretrained).is_file():
         clip = open_clip.create_model(name)
         if pretrained is not None:

@@ -9,6 +9,7 @@ the user wrote and compares each with the CRIS baseline (`tables`, statistics fr
 - `ablation.md` / `ablation.tex` / `ablation.csv`: the tables for reading, for the paper
   (booktabs) and in tidy long form (one row per table, split, row, col, metric);
 - `heatmap_mask_ratio.png`, `heatmap_lambda.png`, `learning_curves.png`, overlays;
+- `curves/<variant>_seed<k>.csv`: each trial's val mIoU per epoch, for `dvc plots diff`;
 - `metrics.json`: flat numbers for `dvc metrics show`, also logged on the sweep's parent run.
 
 Each file is written to a temporary name and renamed, so an interrupted stage leaves no half table.
@@ -27,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
 from pipeline.report import render
-from pipeline.report.figures import plot_heatmap, plot_learning_curves, save_note
+from pipeline.report.figures import plot_heatmap, plot_learning_curves, save_note, write_curve_files
 from pipeline.report.load import download_overlay, load_curves, load_trials, missing_trials
 from pipeline.report.tables import (
     DEFAULT_GRIDS,
@@ -135,6 +136,7 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
     curves = load_curves(tracking_uri, trials["run_id"])
     figures["learning_curves.png"] = _figure(out / "learning_curves.png",
                                              lambda p: plot_learning_curves(curves, trials, highlight, p))
+    write_curve_files(curves, trials, out / "curves")
     for file, variant in (("overlays_baseline.png", sweep.baseline if sweep else None), ("overlays_best.png", best)):
         runs = variant.trials.sort_values("seed")["run_id"] if variant is not None else []
         figures[file] = _figure(out / file, lambda p, r=runs, v=variant: download_overlay(client, r, p) or save_note(

@@ -1,4 +1,5 @@
-"""The report's figures: grid heatmaps and learning curves (prediction overlays are copied as logged).
+"""The report's figures: grid heatmaps and learning curves (prediction overlays are copied as logged),
+and the curves as data files for `dvc plots`.
 
 DVC expects every declared figure, so when a sweep has nothing to draw the figure is a note that
 says why; each function returns whether it drew data, and the report lists the notes as such.
@@ -6,6 +7,7 @@ says why; each function returns whether it drew data, and the report lists the n
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -90,3 +92,17 @@ def plot_learning_curves(curves: pd.DataFrame, trials: pd.DataFrame, highlight: 
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
     return True
+
+
+def write_curve_files(curves: pd.DataFrame, trials: pd.DataFrame, directory: Path) -> int:
+    """One CSV per trial (`epoch,val_miou`) under `directory`, declared under `plots:` in dvc.yaml,
+    so that `dvc plots diff` draws a line per variant and seed for each experiment. Returns the count."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.csv"):
+        stale.unlink()
+    named = curves.merge(trials[["run_id", "variant", "seed"]], on="run_id")
+    for (variant, seed), rows in named.groupby(["variant", "seed"]):
+        file = directory / f"{re.sub(r'[^A-Za-z0-9=._-]+', '_', str(variant))}_seed{int(seed)}.csv"
+        table = rows.sort_values("step").rename(columns={"step": "epoch", "value": "val_miou"})
+        table[["epoch", "val_miou"]].to_csv(file, index=False)
+    return named.groupby(["variant", "seed"]).ngroups

@@ -1,0 +1,65 @@
+"""DVC stage `pretrain`: the tiny CLIP trained contrastively on RefShapes captions.
+
+    python -m pipeline.pretrain        (what `dvc repro` runs)
+
+Reads the raw refer layout `data/raw/<pretrain.dataset>` (objects' attributes, train scenes for
+training, val scenes for the zero-shot metrics) and writes the open_clip state dict
+`pretrain.out` (the default profile's `model.pretrained`) and `reports/pretrain.json` (zero-shot
+attribute classification, scene retrieval and corr_top mask hit rate, against the random
+initial weights). An interrupted run resumes from `runs/pretrain/` after its last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from pipeline.common import REPO_ROOT, load_params, repo_path, section, setup_logging
+
+log = logging.getLogger(__name__)
+METRICS = Path("reports/pretrain.json")
+
+
+def pretrain_config(params: dict):
+    """`params.yaml: pretrain` as a `PretrainConfig`, paths under the repo; unknown keys are errors."""
+    from pydantic import ValidationError
+
+    from cmmasksd.config import PretrainConfig
+
+    settings = dict(section(params, "pretrain"))
+    dataset = settings.pop("dataset", "refshapes")
+    settings["raw_dir"] = repo_path(Path("data/raw") / dataset)
+    for key in ("out", "work_dir"):
+        if key in settings:
+            settings[key] = repo_path(settings[key])
+    settings.setdefault("work_dir", repo_path("runs/pretrain"))
+    try:
+        return PretrainConfig.model_validate(settings)
+    except ValidationError as err:
+        problems = "; ".join(f"`pretrain.{'.'.join(map(str, e['loc']))}`: {e['msg']}" for e in err.errors())
+        raise ValueError(f"params.yaml: {problems}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    from cmmasksd.pretrain import pretrain
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=str(REPO_ROOT / "params.yaml"))
+    parser.add_argument("--metrics", default=str(METRICS))
+    args = parser.parse_args(argv)
+    setup_logging()
+    config = pretrain_config(load_params(args.params))
+    metrics = pretrain(config)
+    history = metrics.pop("history")
+    metrics["final_loss"] = history[-1]["loss"]
+    path = Path(args.metrics)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    shown = {k: metrics[k] for k in ("pretrained", "random_init", "chance")}
+    log.info("wrote %s and %s: %s", config.out, path, json.dumps(shown))
+
+
+if __name__ == "__main__":
+    main()
