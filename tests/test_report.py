@@ -214,6 +214,20 @@ def test_mask_hit_rates_are_summarised_per_variant(report, long):
     assert "masked content words (chance)" not in section.split("\n## ")[0]  # no VMLSD diagnostics logged
 
 
+def test_one_knob_tables_compare_with_their_row_at_the_base_value(report, long):
+    # the strategy family: random against corr_top directly (corr_top is `both`, which leaves it unset)
+    vs = long[(long.table == "strategy") & (long.metric == "miou_vs_ref") & (long.split == "val")]
+    assert list(vs["variant"]) == ["both strategy=random"]
+    expected = planted("both strategy=random").mean() - planted("both").mean()
+    assert vs.iloc[0]["delta"] == pytest.approx(expected, abs=1e-9)
+    assert vs.iloc[0]["ci_low"] < vs.iloc[0]["delta"] < vs.iloc[0]["ci_high"]
+    section = (report.out / "ablation.md").read_text().split("## Masking strategy")[1].split("\n## ")[0]
+    header, _, *rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert "val (sel.) Δ vs corr_top" in header and "mask on object (chance)" in header
+    corr_top = next(r for r in rows if r.split("|")[1].strip() == "corr_top")
+    assert "reference" in corr_top and "0.41 (0.20)" in corr_top
+
+
 def test_cost_and_other_splits_are_reported(long):
     assert cell(long, "variants", "both", metric="params_extra")["mean"] == 256
     assert cell(long, "variants", "both", metric="step_time_s").delta == pytest.approx(0.5)

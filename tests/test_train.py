@@ -274,3 +274,16 @@ def test_profile_overrides_merge_section_by_section():
     assert base["optim"]["epochs"] != 2  # the profile itself is untouched
     with pytest.raises(FileNotFoundError, match="paper-refcoco-rn101"):
         read_profile("no-such-profile")
+
+
+def test_bf16_autocast_only_where_the_cpu_has_it_and_runs_stay_deterministic(prepared_root, tmp_path, monkeypatch):
+    short = {"optim": {"epochs": 1, "milestones": []}, "num_overlays": 0, "masksd": {"branches": "none"}}
+    plain = train(build_config(deep_merge(tiny_config(prepared_root, tmp_path / "fp32"), short)))
+    assert plain.cost["bf16"] == float(torch.cpu._is_avx512_bf16_supported())
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # as on a CPU with avx512_bf16
+    runs = [train(build_config(deep_merge(tiny_config(prepared_root, tmp_path / f"bf16-{i}"), short))) for i in range(2)]
+    assert [r.cost["bf16"] for r in runs] == [1.0, 1.0]
+    assert runs[0].history[0]["train/loss"] == runs[1].history[0]["train/loss"]
+    assert runs[0].final == runs[1].final
+    off = deep_merge(tiny_config(prepared_root, tmp_path / "off"), {**short, "optim": {**short["optim"], "amp": False}})
+    assert train(build_config(off)).cost["bf16"] == 0.0

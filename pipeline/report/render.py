@@ -108,8 +108,10 @@ def variants_frame(table: pd.DataFrame, split: str, baseline: str | None, style:
 
 
 def axis_frame(section: Section, splits: list[str], baseline: str | None, style: Style) -> pd.DataFrame:
-    """A one-knob table: one line per value; val (selection) and every test split side by side."""
+    """A one-knob table: one line per value; val (selection) and every test split side by side, each
+    against the CRIS baseline and, when the family has one, against its row at the base value."""
     by_split = {split: _cells(section.table, split) for split in splits}
+    ref = section.reference
     lines = []
     for (row, col), m in by_split[splits[0]].items():
         line = {label(section.axes[0]): row, "variant": m["variant"], "n": str(int(m["miou"]["n"]))}
@@ -118,10 +120,16 @@ def axis_frame(section: Section, splits: list[str], baseline: str | None, style:
             name = split if split != SELECT_SPLIT else f"{split} (sel.)"
             line[f"{name} mIoU"] = score(cell.get("miou"), style)
             line[f"{name} {style.delta} [95% CI]"] = "baseline" if m["variant"] == baseline else delta(cell.get("miou"), style)
+            if ref is not None:
+                line[f"{name} {style.delta} vs {ref}"] = "reference" if row == ref else delta(cell.get("miou_vs_ref"), style)
+        line["mask on object (chance)"] = hit_rate(m, "lmvsd")
+        line["masked content words (chance)"] = hit_rate(m, "vmlsd")
         step = m.get("step_time_s")
         line["step (s)"] = f"{step['mean']:.3f}" if step is not None else ""
         lines.append(line)
-    return pd.DataFrame(lines)
+    frame = pd.DataFrame(lines)
+    optional = ["mask on object (chance)", "masked content words (chance)"]
+    return frame.drop(columns=[c for c in optional if c in frame and not frame[c].any()])
 
 
 def grid_frame(section: Section, style: Style) -> pd.DataFrame:
@@ -174,7 +182,8 @@ def legend(n_boot: int, seed: int, splits: list[str]) -> str:
         "are chosen on it, so its deltas favour the chosen); the test splits "
         f"({', '.join(s for s in splits if s != SELECT_SPLIT) or 'none in this sweep'}) are the clean estimate.",
         "- **Δ**: variant minus the CRIS baseline (the plain `masksd.branches: none` trial), in points, "
-        "mean over each arm's seeds.",
+        "mean over each arm's seeds. **Δ vs <value>** (one-knob tables): against the table's row at the base "
+        "config's value (e.g. random masks against corr_top), with the same interval (`miou_vs_ref` in the CSV).",
         f"- **[95% CI]**: covers training seeds and test images. It is the union of a two-level paired "
         f"bootstrap (B = {n_boot}, seed {seed}; each replicate redraws the seeds, one draw for both arms "
         "when they ran the same seeds, and the test images, all expressions of a drawn image together, "

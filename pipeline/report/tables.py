@@ -74,6 +74,7 @@ class Section:
     table: pd.DataFrame
     axes: tuple[str, ...] = ()  # (rows,) or (rows, cols) keys; () for the table of all variants
     fixed: dict = field(default_factory=dict)  # the overrides every row shares
+    reference: str | None = None  # a one-knob table's row at the base config's value: `miou_vs_ref` rows
 
 
 class Sweep:
@@ -125,6 +126,10 @@ class Sweep:
                     boot_low=result.boot_low, boot_high=result.boot_high, p_boot=result.p_boot,
                     t_low=result.t_low, t_high=result.t_high, per_seed_deltas=result.per_seed_deltas)
         return records
+
+    def compare(self, reference: Variant, variant: Variant, split: str) -> dict:
+        """`variant` minus `reference`, paired by seed and image like the deltas against the baseline."""
+        return self._deltas(reference, variant, split)
 
     def _deltas(self, base: Variant, variant: Variant, split: str) -> dict:
         arms = [_long_table(v, split) for v in (base, variant)]
@@ -199,10 +204,37 @@ def axis_sections(sweep: Sweep, grids=DEFAULT_GRIDS) -> list[Section]:
             else:
                 labelled = {(label(c[0]), label(c[1])): v for c, v in cells.items()}
             table = _rows(sweep, name, labelled)
+            reference = None
             if len(axes) == 2:
                 table = _mark_best(table)
-            sections.append(Section(name, title, table, axes, fixed))
+            elif axes[0] != "masksd.branches":
+                reference, extra = _against_reference(sweep, name, labelled, axes[0])
+                table = pd.concat([table, extra], ignore_index=True) if not extra.empty else table
+            sections.append(Section(name, title, table, axes, fixed, reference))
     return sections
+
+
+def _against_reference(sweep: Sweep, name: str, cells: dict[tuple, Variant], key: str) -> tuple[str | None, pd.DataFrame]:
+    """The row the family shares with the base config (its variant leaves `key` unset) and every other
+    row's mIoU minus it, per split (metric `miou_vs_ref`): corr_top against random directly."""
+    found = [(cell, v) for cell, v in cells.items() if key not in v.overrides]
+    if not found:
+        return None, pd.DataFrame(columns=LONG_COLUMNS)
+    (ref_row, _), reference = found[0]
+    records = []
+    for split in sweep.splits:
+        for (row, col), variant in cells.items():
+            result = None if variant is reference else sweep.compare(reference, variant, split).get("miou")
+            if result is None:
+                continue
+            records.append({"table": name, "split": split, "row": row, "col": col, "variant": variant.name,
+                            "metric": "miou_vs_ref", "n": len(variant.seeds), "delta": result.delta,
+                            "ci_low": result.ci_low, "ci_high": result.ci_high, "p_value": result.p_value,
+                            "significant": result.significant,
+                            "seed_variance_measured": result.seed_variance_measured, "boot_low": result.boot_low,
+                            "boot_high": result.boot_high, "p_boot": result.p_boot, "t_low": result.t_low,
+                            "t_high": result.t_high, "best": False})
+    return ref_row, pd.DataFrame(records).reindex(columns=LONG_COLUMNS)
 
 
 def _mark_best(table: pd.DataFrame) -> pd.DataFrame:
