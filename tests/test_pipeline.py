@@ -123,8 +123,9 @@ def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root,
         baseline = run.data.params["masksd.branches"] == "none"
         assert (run.data.metrics["cost/params_extra"] == 0) == baseline  # mask tokens only with distillation
     best = yaml.safe_load((repo / "sweep" / "best_config.yaml").read_text())
-    winner = max(runs, key=lambda r: r.data.metrics["final/val/miou"])
-    assert best["masksd"]["branches"] == winner.data.params["masksd.branches"]  # chosen on val mIoU
+    top = max(r.data.metrics["final/val/miou"] for r in runs)  # tiny runs may tie
+    winners = {r.data.params["masksd.branches"] for r in runs if r.data.metrics["final/val/miou"] == top}
+    assert best["masksd"]["branches"] in winners  # chosen on val mIoU
 
     code = parent.data.tags["cmmasksd.code_digest"]
     assert len(code) == 64 and parent.data.tags["mlflow.source.git.commit"] == "unknown"  # not a git repo
@@ -290,7 +291,7 @@ def test_sweep_logs_to_a_real_mlflow_server(prepared_root, tmp_path, mlflow_serv
     parent = next(r for r in runs if r["info"]["run_id"] == info["parent_run_id"])
     children = [r for r in runs if {"key": "mlflow.parentRunId", "value": info["parent_run_id"]} in r["data"]["tags"]]
     assert len(children) == 2 and len(runs) == 3
-    assert parent["info"]["run_name"].startswith("default · refshapes · cris-tiny-rn · 2 trials · ")
+    assert parent["info"]["run_name"].startswith("default · refshapes · tiny-rn · 2 trials · ")
     summary = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
     report_metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert summary["summary/baseline_val_miou"] == pytest.approx(report_metrics["baseline_val_miou"])
