@@ -144,11 +144,13 @@ def run_trial(spec: dict[str, Any]) -> None:
     from ray import tune
 
     from cmmasksd.config import build_config
-    from cmmasksd.train import CHECKPOINT_DIR, train
+    from cmmasksd.train import CHECKPOINT_DIR, LAST, train
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    out_dir = Path(context.get_trial_dir()) / "run"
+    # Tune runs each trial in its own working folder, which it does not copy to storage: the run's
+    # files stay on its node, and only Tune's checkpoints (and MLflow) carry them off it.
+    out_dir = Path.cwd() / "run"
     ckpt_dir = out_dir / CHECKPOINT_DIR
     shutil.rmtree(ckpt_dir, ignore_errors=True)  # Tune's checkpoint, not local leftovers, is the truth
     ckpt_dir.mkdir(parents=True)
@@ -188,11 +190,15 @@ def run_trial(spec: dict[str, Any]) -> None:
             "figures": result.figures,
             "": [result.out_dir / "results.json"],
         },
-        tags={"checkpoint_path": str(result.checkpoint)},
     )
     run.finish(ok=True)
+    # The last checkpoint Tune keeps (`num_to_keep=1`) is the best weights alone: a finished trial
+    # needs no resume state, and the driver tags the MLflow run with where they were stored.
+    (ckpt_dir / LAST).unlink()
     tune.report({**final, METRIC: result.best_val_miou, "epoch": config.optim.epochs,
-                 "mlflow_run_id": run.run_id, "done": True})
+                 "mlflow_run_id": run.run_id, "done": True},
+                checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+    shutil.rmtree(out_dir)  # everything in it is in MLflow or in Tune's storage now
 
 
 def init_ray(address: str | None) -> None:
@@ -297,6 +303,9 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     results = tuner.fit()
 
     table = trials_table(results)
+    for row in table.itertuples():
+        if row.status == "FINISHED":
+            client.set_tag(row.mlflow_run_id, "checkpoint_path", row.checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "trials.csv", index=False)
     (out_dir / "sweep.json").write_text(json.dumps({
@@ -315,7 +324,9 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
 
 
 def trials_table(results) -> pd.DataFrame:
-    """One row per trial: its variant, seed, status, MLflow run and final metrics."""
+    """One row per trial: its variant, seed, status, MLflow run, best weights and final metrics."""
+    from cmmasksd.train import BEST
+
     rows = []
     for result in results:
         trial = result.config["trial"]
@@ -325,6 +336,7 @@ def trials_table(results) -> pd.DataFrame:
             "variant": trial["name"], "variant_key": trial["key"], "seed": trial["overrides"]["seed"],
             "status": "FINISHED" if done else "FAILED",
             "mlflow_run_id": metrics.get("mlflow_run_id", ""),
+            "checkpoint": str(Path(result.checkpoint.path) / BEST) if done and result.checkpoint else "",
             **{k: metrics.get(k) for k in sorted(metrics) if k.startswith(("final/", "cost/"))},
             "overrides": trial["overrides"],
             "error": "" if result.error is None else str(result.error).splitlines()[0][:200],

@@ -132,9 +132,8 @@ class TrialRun:
     def log_epoch(self, metrics: dict[str, float], epoch: int) -> None:
         self.client.log_batch(self.run_id, metrics=_metrics(metrics, epoch))
 
-    def log_final(self, metrics: dict[str, float], artifacts: dict[str, list[Path]], tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, metrics=_metrics(metrics, 0),
-                              tags=[RunTag(k, v) for k, v in tags.items()])
+    def log_final(self, metrics: dict[str, float], artifacts: dict[str, list[Path]]) -> None:
+        self.client.log_batch(self.run_id, metrics=_metrics(metrics, 0))
         for folder, paths in artifacts.items():
             for path in paths:
                 self.client.log_artifact(self.run_id, str(path), artifact_path=folder or None)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,34 @@ from cmmasksd.data import Refer, RefShapesConfig, generate_refshapes, prepare_da
 TINY_REFSHAPES = RefShapesConfig(image_size=64, images={"train": 20, "val": 20, "testA": 20, "testB": 20}, seed=0)
 PREPARED_SIZE = 64
 PREPARED_WORD_LEN = 17
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ray_temp_dir():
+    """Every Ray the tests start (in-process, in a stage's subprocess, `ray start`) keeps its
+    session folder here, and the folder goes when the session ends: a sweep stages its trials'
+    checkpoints there, hundreds of MB per test. A short path, as Ray's sockets must fit 107 bytes."""
+    folder = tempfile.mkdtemp(prefix="cmray-", dir="/tmp")
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = folder
+    yield Path(folder)
+    if previous is None:
+        os.environ.pop("RAY_TMPDIR")
+    else:
+        os.environ["RAY_TMPDIR"] = previous
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def drop_finished_ray_sessions(ray_temp_dir):
+    """After each test, remove the session folders of Rays that have stopped (none is shared
+    between tests), so the suite's disk use stays that of its largest test."""
+    yield
+    ray = sys.modules.get("ray")  # imported only if a test started Ray in this process
+    if ray is not None and ray.is_initialized():
+        return
+    for session in (ray_temp_dir / "ray").glob("session_2*"):
+        shutil.rmtree(session, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cmmasksd.config import deep_merge
+from cmmasksd.predict import load_checkpoint
 
 pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parent.parent
@@ -119,7 +120,10 @@ def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root,
         assert [m.step for m in history] == [1, 2]
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"per_expression", "figures", "results.json"} <= artifacts
-        assert run.data.tags["checkpoint_path"].endswith("best.pt")
+        checkpoint = Path(run.data.tags["checkpoint_path"])  # in Ray's storage, not its staging folder
+        assert checkpoint.name == "best.pt" and checkpoint.is_relative_to(repo / "ray_results")
+        assert load_checkpoint(checkpoint).config.masksd.branches == run.data.params["masksd.branches"]
+        assert not (checkpoint.parent / "last.pt").exists()  # resume state lives in Tune's checkpoint only
         baseline = run.data.params["masksd.branches"] == "none"
         assert (run.data.metrics["cost/params_extra"] == 0) == baseline  # mask tokens only with distillation
     best = yaml.safe_load((repo / "sweep" / "best_config.yaml").read_text())
