@@ -11,6 +11,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from cmmasksd.config import TrainConfig, format_validation_error
+
 
 def _parse_overrides(pairs: list[str]) -> dict:
     """`key.sub=value` pairs; values are parsed as (safe) YAML so numbers and booleans keep their type."""
@@ -28,10 +30,9 @@ def _parse_overrides(pairs: list[str]) -> dict:
 
 
 def _one_line(err: Exception) -> str:
-    """The message a user sees, on one line: pydantic's report as `field: problem; ...`, others joined."""
+    """The message a user sees, on one line: pydantic's report by key path, others' lines joined."""
     if isinstance(err, ValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        return f"invalid config: {problems}"
+        return f"invalid config: {format_validation_error(err, TrainConfig)}"
     return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 

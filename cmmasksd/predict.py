@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +12,10 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from cmmasksd.config import TrainConfig
+from cmmasksd.config import TrainConfig, format_validation_error
 from cmmasksd.data import clip_tokenizer, letterbox_image, unletterbox
 from cmmasksd.evaluate import upsampled_probabilities
+from cmmasksd.io.checkpoint import CheckpointError, first_sentence, read_checkpoint, weights_mismatch
 from cmmasksd.model import CMMaskSD, create_model
 
 
@@ -50,17 +49,14 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     try:
         config = TrainConfig.model_validate(state["config"])
     except ValidationError as err:
-        first, more = err.errors()[0], err.error_count() - 1
-        where = ".".join(str(part) for part in first["loc"]) or "config"
-        raise ValueError(f"{path}: its config is not valid: {where}: {first['msg']}"
-                         + (f" (and {more} more problems)" if more else "")) from err
+        raise ValueError(f"{path}: its config is not valid: {format_validation_error(err, TrainConfig)}") from err
     try:
         # The checkpoint holds every weight: no pretrained CLIP weights are fetched. Quiet, as
         # open_clip logs each build step and warns that no pretrained weights were loaded.
         with _quiet_logging():
             model = create_model(config.model.model_copy(update={"pretrained": None}), config.masksd)
     except (RuntimeError, TypeError, ValueError) as err:  # e.g. a CLIP name this open_clip does not know
-        raise ValueError(f"{path}: cannot build the model its config describes: {_first_sentence(err)}") from err
+        raise ValueError(f"{path}: cannot build the model its config describes: {first_sentence(err)}") from err
     _check_weights(path, model, state["model"])
     model.load_state_dict(state["model"])
     device = torch.device(device)
@@ -70,40 +66,20 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
 
 
 def _load_state(path: Path) -> dict:
-    """torch.load with weights_only=True, so nothing in the file runs; errors cut to their reason.
-
-    torch wraps the unpickler's reason in advice to retry with weights_only off, which would
-    let the file run code: that advice is not passed on.
-    """
     try:
-        with warnings.catch_warnings():  # e.g. about the pickle protocol: noise before the real error
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: corrupt, foreign, or refused by the safe unpickler
-        cause = err.__context__ if isinstance(err, pickle.UnpicklingError) and err.__context__ else err
-        raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; torch.load(weights_only=True) failed: "
-                         f"{_first_sentence(cause)}") from err
+        state = read_checkpoint(path)
+    except CheckpointError as err:
+        raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; {err.reason.removeprefix('unreadable: ')}") from err
     if not isinstance(state, dict):
         raise ValueError(f"{path}: {NOT_A_CHECKPOINT}; it holds a {type(state).__name__}, not a dict")
     return state
 
 
 def _check_weights(path: Path, model: CMMaskSD, weights: dict) -> None:
-    """A mismatch as counts: load_state_dict would list every key of another architecture."""
-    expected = model.state_dict()
-    missing = expected.keys() - weights.keys()
-    unexpected = weights.keys() - expected.keys()
-    reshaped = {k for k in expected.keys() & weights.keys() if getattr(weights[k], "shape", None) != expected[k].shape}
-    if missing or unexpected or reshaped:
-        example = min(missing or unexpected or reshaped)
-        raise ValueError(f"{path}: its weights do not fit the model its config describes: {len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, {len(reshaped)} of another shape (e.g. {example})")
-
-
-def _first_sentence(err: BaseException) -> str:
-    """torch's and open_clip's messages run on (advice, every model name): the reason comes first."""
-    text = str(err).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+    """A mismatch as counts and a few keys: load_state_dict would list every key of another architecture."""
+    mismatch = weights_mismatch(model.state_dict(), weights)
+    if mismatch:
+        raise ValueError(f"{path}: its weights do not fit the model its config describes: {mismatch}")
 
 
 @contextmanager

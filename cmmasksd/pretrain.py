@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from cmmasksd.config import PretrainConfig
 from cmmasksd.data.captions import CaptionPairs, Scene, load_scenes
 from cmmasksd.data.refshapes import COLOURS, SHAPES, SIZES
+from cmmasksd.io.checkpoint import read_resume_state, save_checkpoint
 from cmmasksd.model import factory  # noqa: F401  registers the tiny CLIP configs with open_clip
 from cmmasksd.model.backbone import ClipBackbone
 from cmmasksd.model.mask_stats import MaskStats
@@ -62,13 +62,6 @@ def _cosine_with_warmup(warmup: int, total: int):
     return factor
 
 
-def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train, write `cfg.out`, and return the metrics (zero-shot of the result and of the initial weights)."""
     if cfg.threads:
@@ -93,8 +86,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     last_path = Path(cfg.work_dir) / f"{cfg.clip}-{_fingerprint(cfg)}" / "last.pt"
     start_epoch, history, train_time = 0, [], 0.0
-    if last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=True)
+    state = read_resume_state(last_path, ("clip", "optimizer", "schedule", "rng_cpu", "epoch", "history", "train_time_s"))
+    if state is not None:
         clip.load_state_dict(state["clip"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -122,12 +115,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
             total += float(loss.detach())
         train_time += time.perf_counter() - start
         history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch, "lr": optimizer.param_groups[1]["lr"]})
-        _save_atomic({"clip": clip.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        save_checkpoint({"clip": clip.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                       "rng_cpu": torch.get_rng_state(), "epoch": epoch + 1, "history": history,
                       "train_time_s": train_time}, last_path)
         epochs.set_postfix(loss=f"{history[-1]['loss']:.3f}")
 
-    _save_atomic(clip.state_dict(), Path(cfg.out))
+    save_checkpoint(clip.state_dict(), Path(cfg.out))
     return {
         "pretrained": zero_shot(backbone, val_scenes, tokenizer, cfg.mask_cell, cfg.mask_ratio),
         "random_init": control,

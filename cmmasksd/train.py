@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from cmmasksd.config import MaskSDConfig, TrainConfig
 from cmmasksd.data import PreparedSplit, RefSegDataset
 from cmmasksd.evaluate import SplitEvaluation, evaluate_split
+from cmmasksd.io.checkpoint import read_checkpoint, read_resume_state, save_checkpoint
 from cmmasksd.model import CMMaskSD, create_model
 from cmmasksd.model.mask_stats import MaskStats
 from cmmasksd.visualize import save_learning_curves, save_prediction_overlays
@@ -35,6 +35,8 @@ CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 # Fields that do not change what is computed; a resumed run may differ in them.
+_RESUME_KEYS = ("model", "optimizer", "scheduler", "rng_cpu", "epoch", "history", "best_val", "best_epoch",
+                "fingerprint")
 _RUNTIME_FIELDS = {"out_dir", "device", "threads", "num_overlays"}
 
 
@@ -90,7 +92,13 @@ def open_splits(config: TrainConfig) -> dict[str, PreparedSplit]:
     missing = sorted(needed - set(names))
     if missing:
         raise FileNotFoundError(f"{root}: missing prepared split(s) {missing}; found {names}")
-    return {name: PreparedSplit(root / name) for name in names}
+    splits = {name: PreparedSplit(root / name) for name in names}
+    train = splits[config.data.train_split]
+    for split in splits.values():  # one model sees them all: one input size, one text length
+        if (split.size, split.word_len) != (train.size, train.word_len):
+            raise ValueError(f"{split.split_dir}: prepared at size {split.size}, word_len {split.word_len}, but "
+                             f"{train.split_dir} at size {train.size}, word_len {train.word_len}; prepare them alike")
+    return splits
 
 
 def build_optimizer(model: CMMaskSD, config: TrainConfig) -> torch.optim.Optimizer:
@@ -109,13 +117,6 @@ def run_fingerprint(config: TrainConfig) -> dict:
     dumped = config.model_dump(mode="json", exclude=_RUNTIME_FIELDS)
     dumped["data"].pop("num_workers", None)
     return dumped
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    """Write to a temp file then rename, so a crash mid-save never leaves a corrupt checkpoint."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _count_parameters(model: torch.nn.Module) -> int:
@@ -158,8 +159,8 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
     # resume
     start_epoch, history, best_val, best_epoch = 0, [], -1.0, 0
     last_path = ckpt_dir / LAST
-    if last_path.exists():
-        state = torch.load(last_path, map_location=device, weights_only=True)
+    state = read_resume_state(last_path, _RESUME_KEYS)
+    if state is not None:
         if state["fingerprint"] != run_fingerprint(config):
             raise ValueError(f"{last_path}: holds a run with a different config; use another out_dir")
         model.load_state_dict(state["model"])
@@ -221,7 +222,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         is_best = val.metrics["miou"] > best_val
         if is_best:
             best_val, best_epoch = val.metrics["miou"], epoch + 1
-            _save_atomic({"model": model.state_dict(), "info": info,
+            save_checkpoint({"model": model.state_dict(), "info": info,
                           "config": config.model_dump(mode="json"), "epoch": epoch + 1}, ckpt_dir / BEST)
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -231,7 +232,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         }
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        _save_atomic(state, last_path)
+        save_checkpoint(state, last_path)
         epochs.set_postfix(loss=f"{metrics['train/loss']:.3f}", val_miou=f"{val.metrics['miou']:.3f}")
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
         if on_epoch is not None:
@@ -244,7 +245,7 @@ def _finish(config, model, splits, history, best_epoch, best_val, step_times, de
     """Reload the val-selected weights, evaluate every split, write tables, figures and results.json."""
     out_dir = Path(config.out_dir)
     best_path = out_dir / CHECKPOINT_DIR / BEST
-    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+    model.load_state_dict(read_checkpoint(best_path)["model"])
     eval_names = config.data.eval_splits or [n for n in splits if n != config.data.train_split]
     final: dict[str, dict[str, float]] = {}
     tables: dict[str, Path] = {}

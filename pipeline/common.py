@@ -1,17 +1,25 @@
-"""What every stage needs: the repo root, its params, and absolute paths under the repo."""
+"""What every stage needs: the repo root, its validated params, absolute paths, and how it fails."""
 
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
+from pydantic import ValidationError
+
+from cmmasksd.config import format_validation_error
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_params(path: str | Path = REPO_ROOT / "params.yaml") -> dict[str, Any]:
+    """params.yaml validated by its schema (`pipeline.params_schema`), every default filled in."""
+    from pipeline.params_schema import validate_params  # loads the library's configs (torch): only when used
+
     path = Path(path)
     try:
         params = yaml.safe_load(path.read_text())
@@ -19,7 +27,10 @@ def load_params(path: str | Path = REPO_ROOT / "params.yaml") -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read the stage parameters ({err})") from err
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a mapping of stage sections")
-    return params
+    try:
+        return validate_params(params)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def section(params: dict[str, Any], *keys: str) -> Any:
@@ -41,3 +52,22 @@ def repo_path(path: str | Path) -> Path:
 def setup_logging() -> None:
     # force: an imported library may have configured the root logger already, hiding our INFO lines
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (pydantic's by key path; a KeyError without its quotes)."""
+    if isinstance(err, ValidationError):
+        return format_validation_error(err)
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    """A stage's entry point: bad input (a param, a file, a server that does not answer) is one
+    `error: <message>` line on stderr and exit status 2, as DVC shows it; a bug keeps its traceback."""
+    try:
+        status = main()
+    except (ValueError, KeyError, FileNotFoundError, ConnectionError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(status)

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.common import load_params, repo_path, section, setup_logging
+from pipeline.common import load_params, repo_path, run_main, section, setup_logging
 
 if TYPE_CHECKING:
     from cmmasksd.io import Source
@@ -33,7 +33,7 @@ def fetch_refshapes(settings: dict, out: Path) -> None:
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    counts = generate_refshapes(tmp, RefShapesConfig(**(settings.get("generate") or {})))
+    counts = generate_refshapes(tmp, RefShapesConfig(**settings["generate"]))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a stage interrupted mid-generation leaves no half-written output
     log.info("generated refshapes: %s", counts)
@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     params = load_params(args.params)
     if args.dataset == "refshapes":
-        fetch_refshapes(section(params, "fetch", "refshapes") or {}, repo_path(RAW / args.dataset))
+        fetch_refshapes(section(params, "fetch", "refshapes"), repo_path(RAW / args.dataset))
     else:
         fetch_refer(args.dataset, params, repo_path(RAW), repo_path(CACHE))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,7 +19,8 @@ from cmmasksd.io.digest import file_sha256
 from pipeline.common import REPO_ROOT
 
 # What the sweep stage executes; `dvc.yaml` lists the same paths as the stage's code deps.
-CODE_PATHS = ("cmmasksd", "pipeline/common.py", "pipeline/identity.py", "pipeline/sweep.py", "pipeline/tracking.py")
+CODE_PATHS = ("cmmasksd", "pipeline/common.py", "pipeline/identity.py", "pipeline/params_schema.py",
+              "pipeline/preflight.py", "pipeline/sweep.py", "pipeline/tracking.py")
 SCHEDULING_KEYS = ("max_concurrent",)  # how trials are packed onto the machine, not what they compute
 
 

@@ -15,10 +15,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.common import load_params, repo_path, section, setup_logging
+from pipeline.common import load_params, repo_path, run_main, section, setup_logging
 
 log = logging.getLogger(__name__)
-SETTINGS = {"split_by", "size", "word_len", "workers"}
 
 
 def official_count_report(dataset: str, split_by: str, counts: dict[str, dict[str, int]]) -> str | None:
@@ -45,12 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging()
     settings = section(load_params(args.params), "preprocess", args.dataset)
-    unknown = sorted(set(settings) - SETTINGS)
-    if unknown:
-        raise ValueError(f"params.yaml `preprocess.{args.dataset}`: unknown key(s) {unknown}; expected {sorted(SETTINGS)}")
     refer = Refer(repo_path(Path("data/raw") / args.dataset), settings["split_by"])
-    reports = prepare_dataset(refer, repo_path(Path("data/prepared") / args.dataset), size=int(settings["size"]),
-                              word_len=int(settings["word_len"]), workers=int(settings.get("workers", 1)))
+    reports = prepare_dataset(refer, repo_path(Path("data/prepared") / args.dataset), size=settings["size"],
+                              word_len=settings["word_len"], workers=settings["workers"])
     print(format_reports(reports))
     counts = official_count_report(args.dataset, settings["split_by"], refer.split_counts())
     if counts is not None:
@@ -58,4 +54,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

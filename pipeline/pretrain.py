@@ -16,30 +16,24 @@ import json
 import logging
 from pathlib import Path
 
-from pipeline.common import REPO_ROOT, load_params, repo_path, section, setup_logging
+from pipeline.common import REPO_ROOT, load_params, repo_path, run_main, section, setup_logging
 
 log = logging.getLogger(__name__)
 METRICS = Path("reports/pretrain.json")
 
 
 def pretrain_config(params: dict):
-    """`params.yaml: pretrain` as a `PretrainConfig`, paths under the repo; unknown keys are errors."""
-    from pydantic import ValidationError
-
+    """`params.yaml: pretrain` (validated by its schema) as a `PretrainConfig`, paths under the repo."""
     from cmmasksd.config import PretrainConfig
+    from pipeline.params_schema import validate_params
 
-    settings = dict(section(params, "pretrain"))
-    dataset = settings.pop("dataset", "refshapes")
-    settings["raw_dir"] = repo_path(Path("data/raw") / dataset)
-    for key in ("out", "work_dir"):
-        if key in settings:
-            settings[key] = repo_path(settings[key])
-    settings.setdefault("work_dir", repo_path("runs/pretrain"))
     try:
-        return PretrainConfig.model_validate(settings)
-    except ValidationError as err:
-        problems = "; ".join(f"`pretrain.{'.'.join(map(str, e['loc']))}`: {e['msg']}" for e in err.errors())
-        raise ValueError(f"params.yaml: {problems}") from None
+        settings = validate_params({"pretrain": section(params, "pretrain")})["pretrain"]
+    except ValueError as err:
+        raise ValueError(f"params.yaml: {err}") from None
+    paths = {"raw_dir": repo_path(Path("data/raw") / settings.pop("dataset")), "out": repo_path(settings["out"]),
+             "work_dir": repo_path(settings["work_dir"])}
+    return PretrainConfig.model_validate({**settings, **paths})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,4 +56,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,15 +27,18 @@ import pandas as pd
 import yaml
 
 from cmmasksd.io.digest import file_sha256
-from pipeline.common import REPO_ROOT, load_params, repo_path, section, setup_logging
+from pipeline.common import REPO_ROOT, load_params, repo_path, run_main, section, setup_logging
 from pipeline.identity import code_digest, data_digest, git_state, sweep_fingerprint
+from pipeline.preflight import check_model, check_prepared, keep_local_ray_on_loopback
 from pipeline.tracking import (
     CODE_DIGEST,
     GIT_COMMIT,
     GIT_DIRTY,
     TrialRun,
+    check_tracking_server,
     dataset_input,
     ensure_experiment,
+    redact,
     resolve_tracking_uri,
     start_sweep_run,
 )
@@ -85,7 +88,7 @@ def expand_grid(sweep: dict[str, Any], base_branches: str = "both") -> list[dict
     baseline last: every slot stays busy until the end instead of one long trial running alone.
     A variant written twice is an error (its seeds would be counted twice).
     """
-    variants = [dict(v) for v in sweep.get("variants") or [] if dict(v) != BASELINE] + [BASELINE]
+    variants = [dict(v) for v in sweep["variants"] if dict(v) != BASELINE] + [BASELINE]
     names: dict[str, dict] = {}
     for variant in variants:
         if "seed" in variant:
@@ -98,7 +101,7 @@ def expand_grid(sweep: dict[str, Any], base_branches: str = "both") -> list[dict
     return [
         {"name": variant_name(v, base_branches), "key": variant_key(v), "overrides": {**v, "seed": int(seed)}}
         for v in variants
-        for seed in sweep.get("seeds") or [0]
+        for seed in sweep["seeds"]
     ]
 
 
@@ -107,7 +110,7 @@ def base_config(params: dict[str, Any]) -> dict[str, Any]:
     from cmmasksd.config import deep_merge, read_profile
 
     train = section(params, "train")
-    base = deep_merge(read_profile(train["profile"]), train.get("overrides") or {})
+    base = deep_merge(read_profile(train["profile"]), train["overrides"])
     model = base.get("model")
     if isinstance(model, dict) and isinstance(model.get("pretrained"), str) and repo_path(model["pretrained"]).is_file():
         base["model"] = {**model, "pretrained": str(repo_path(model["pretrained"]))}  # trials run elsewhere
@@ -210,7 +213,7 @@ def init_ray(address: str | None) -> None:
         context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         context = ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
-                           _node_ip_address="127.0.0.1")  # a local Ray for this stage only: stay on loopback
+                           _node_ip_address="127.0.0.1")  # loopback only: see keep_local_ray_on_loopback
     log.info("Ray cluster at %s (%s)", context.address_info["gcs_address"], "given" if address else "started here")
 
 
@@ -218,31 +221,29 @@ def trainable(sweep: dict[str, Any]):
     """`run_trial` reserving `sweep.resources` per trial (fractional GPUs allowed)."""
     from ray import tune
 
-    resources = sweep["resources"]
-    return tune.with_resources(run_trial, {"cpu": float(resources.get("cpu", 1)), "gpu": float(resources.get("gpu", 0))})
+    return tune.with_resources(run_trial, {"cpu": sweep["resources"]["cpu"], "gpu": sweep["resources"]["gpu"]})
 
 
-def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], params: dict[str, Any], exp_name: str,
-                storage: Path):
+def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], sweep: dict[str, Any], epochs: int,
+                exp_name: str, storage: Path):
+    """A new sweep's Tuner; ASHA stops trials by epoch, up to the `epochs` of the resolved base config."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    sweep = section(params, "sweep")
+    asha = sweep["asha"]
     scheduler = None
-    asha = sweep.get("asha") or {}
-    if asha.get("enabled"):
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=int(resolved_base(spec_base["base"])["optim"]["epochs"]),
-                                  grace_period=int(asha.get("grace_period", 1)),
-                                  reduction_factor=float(asha.get("reduction_factor", 2)))
+    if asha["enabled"]:
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=asha["grace_period"],
+                                  reduction_factor=asha["reduction_factor"])
     return tune.Tuner(
         trainable(sweep),
         param_space={**spec_base, "trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
-                                    max_concurrent_trials=int(sweep.get("max_concurrent", 1))),
+                                    max_concurrent_trials=sweep["max_concurrent"]),
         run_config=tune.RunConfig(
             name=exp_name,
             storage_path=str(storage),
-            failure_config=tune.FailureConfig(max_failures=int(sweep.get("max_failures", 0))),
+            failure_config=tune.FailureConfig(max_failures=sweep["max_failures"]),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=1,
         ),
@@ -251,21 +252,25 @@ def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], params:
 
 def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     """Start or resume the sweep; returns the trials table (also written to `out_dir`)."""
+    keep_local_ray_on_loopback(section(params, "ray", "address"))
+    tracking_uri = resolve_tracking_uri(section(params, "mlflow", "tracking_uri"))
+    check_tracking_server(tracking_uri)
     from mlflow.tracking import MlflowClient
     from ray import tune
 
     sweep = section(params, "sweep")
     dataset = sweep["dataset"]
     prepared_dir = repo_path(Path("data/prepared") / dataset)
+    check_prepared(prepared_dir, dataset, section(params, "preprocess", dataset))
     storage = repo_path(section(params, "ray", "storage"))
     base = base_config(params)
+    check_model(trial_config(base, {}, prepared_dir, Path("."), 1))
     resolved = resolved_base(base)
     trials = expand_grid(sweep, resolved["masksd"]["branches"])
     code, data = code_digest(), data_digest(prepared_dir)
     fingerprint = sweep_fingerprint(resolved, sweep, data, code)
     exp_name = f"{sweep['name']}-{fingerprint}"
     exp_path = storage / exp_name
-    tracking_uri = resolve_tracking_uri(section(params, "mlflow", "tracking_uri"))
     experiment_id = ensure_experiment(tracking_uri, section(params, "mlflow", "experiment"))
     client = MlflowClient(tracking_uri)
     git = git_state()
@@ -292,14 +297,14 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     spec_base = {
         "base": base, "prepared_dir": str(prepared_dir), "tracking_uri": tracking_uri,
         "experiment_id": experiment_id, "parent_run_id": parent_run_id, "identity": identity,
-        "dataset": dataset_info, "threads": max(1, int(float(sweep["resources"].get("cpu", 1)))),
+        "dataset": dataset_info, "threads": max(1, int(sweep["resources"]["cpu"])),
     }
     init_ray(section(params, "ray", "address"))
     if tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable(sweep), resume_unfinished=True,
                                    resume_errored=True)
     else:
-        tuner = build_tuner(spec_base, trials, params, exp_name, storage)
+        tuner = build_tuner(spec_base, trials, sweep, resolved["optim"]["epochs"], exp_name, storage)
     results = tuner.fit()
 
     table = trials_table(results)
@@ -310,7 +315,7 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     table.to_csv(out_dir / "trials.csv", index=False)
     (out_dir / "sweep.json").write_text(json.dumps({
         "experiment": section(params, "mlflow", "experiment"), "experiment_id": experiment_id,
-        "parent_run_id": parent_run_id, "tracking_uri": tracking_uri, "ray_experiment": str(exp_path),
+        "parent_run_id": parent_run_id, "tracking_uri": redact(tracking_uri), "ray_experiment": str(exp_path),
         "code_digest": code, "n_trials": len(table), "n_failed": int((table["status"] != "FINISHED").sum()),
     }, indent=2))
     best = table[table["status"] == "FINISHED"].sort_values(f"final/{METRIC}", ascending=False).head(1)
@@ -363,4 +368,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

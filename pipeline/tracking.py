@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 
 from pipeline.common import REPO_ROOT
@@ -46,6 +49,39 @@ def resolve_tracking_uri(configured: str | None, repo_root: Path = REPO_ROOT) ->
             return "sqlite:///" + str((repo_root / configured.removeprefix("sqlite:///")).resolve())
         return configured
     return f"sqlite:///{(repo_root / 'mlflow.db').resolve()}"
+
+
+def redact(uri: str) -> str:
+    """The URI without `user:password@`, for messages and logs."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+
+
+def check_tracking_server(uri: str, wait_s: float = 5.0) -> None:
+    """Fail fast, before Ray starts, when an `http(s)://` tracking server does not answer: MLflow's
+    own client would retry each request for minutes, and every trial would fail the same way.
+    A server still starting gets `wait_s`; any HTTP answer (even 401) means one is there."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except urllib.error.HTTPError as err:
+            if err.code < 500:
+                return
+            reason = f"HTTP {err.code}"
+        except (urllib.error.URLError, OSError) as err:
+            reason = str(getattr(err, "reason", err))
+        if time.monotonic() >= deadline:
+            raise ConnectionError(
+                f"mlflow.tracking_uri: no MLflow server answers at {redact(uri)} ({reason}); start it "
+                f"(`mlflow server --host 127.0.0.1 --port <port>`) or point params.yaml at a running one")
+        time.sleep(1.0)
 
 
 def artifact_location(tracking_uri: str) -> str | None:

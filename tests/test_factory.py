@@ -66,10 +66,10 @@ def test_checkpoint_with_missing_or_unexpected_keys_is_an_error(tmp_path):
     state = create_clip("tiny-rn").state_dict()
     missing = dict(state)
     missing.pop("text_projection")
-    with pytest.raises(ValueError, match="missing backbone keys.*text_projection"):
+    with pytest.raises(ValueError, match=r"missing\.pt: not a checkpoint of this CLIP architecture: 1 missing \(e\.g\. text_projection\)"):
         load_clip_weights(create_clip("tiny-rn"), _save(missing, tmp_path / "missing.pt"))
     extra = dict(state, **{"neck.extra": torch.zeros(1)})
-    with pytest.raises(ValueError, match="unexpected keys.*neck.extra"):
+    with pytest.raises(ValueError, match=r"1 unexpected \(e\.g\. neck\.extra\)"):
         load_clip_weights(create_clip("tiny-rn"), _save(extra, tmp_path / "extra.pt"))
 
 
@@ -95,3 +95,16 @@ def test_full_size_random_checkpoint_round_trip(tmp_path, clip_name):
     tokens = torch.tensor([[49406, 320, 49407] + [0] * 14])
     with torch.no_grad():
         assert model.eval()(images, tokens).shape == (1, 1, 16, 16)
+
+
+def test_pretrained_file_that_is_unreadable_or_of_another_clip_is_named(tmp_path):
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"noise\.pt: unreadable: torch\.load\(weights_only=True\) failed"):
+        create_clip("tiny-rn", str(noise))
+    vit = _save(create_clip("tiny-vit").state_dict(), tmp_path / "vit.pt")
+    clip = create_clip("tiny-rn")
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    with pytest.raises(ValueError, match=r"vit\.pt: not a checkpoint of this CLIP architecture: \d+ missing \(e\.g\. "):
+        load_clip_weights(clip, vit)
+    assert all(torch.equal(v, before[k]) for k, v in clip.state_dict().items())  # nothing was half loaded

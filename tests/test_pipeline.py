@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,16 +28,11 @@ from mlflow.tracking import MlflowClient
 
 from cmmasksd.config import deep_merge
 from cmmasksd.predict import load_checkpoint
+from mlflow_server import MlflowServer, free_port
 
 pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 TINY_TRAIN = {"optim": {"epochs": 2, "milestones": [], "batch_size": 8},
@@ -245,27 +239,10 @@ def test_interrupted_sweep_resumes_without_retraining_finished_trials(prepared_r
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 (2 processes: no job runner, one worker)."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(server.pid, signal.SIGTERM)
-        pytest.fail("mlflow server did not start within 90 s")
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    server = MlflowServer(tmp_path)
+    server.start()
+    yield server.uri
+    server.stop()
 
 
 def rest(uri: str, endpoint: str, body: dict | None = None) -> dict:
@@ -370,6 +347,32 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     (workspace,) = json.loads(shown.stdout).values()  # keyed by revision: "" is the workspace
     assert workspace["data"]["reports/metrics.json"]["data"] == metrics
     assert workspace["data"]["reports/pretrain.json"]["data"]["pretrained"]["object_top1"] >= 0
+
+    # `dvc repro` killed while the report stage writes its files: the rerun finishes the report,
+    # and no output is left half written (each is written aside, then renamed)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["report"]["bootstrap_seed"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    first_figure = repo / "reports" / "heatmap_mask_ratio.png"
+    before = first_figure.stat().st_mtime_ns
+    repro = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and repro.poll() is None and first_figure.stat().st_mtime_ns == before:
+        time.sleep(0.02)
+    os.killpg(repro.pid, signal.SIGKILL)  # the report has begun writing: its first figure is new
+    assert repro.wait(timeout=60) == -signal.SIGKILL, "the report finished before it could be killed"
+    assert "report" in sh("dvc", "status").stdout
+    for name in ("ablation.md", "ablation.csv", "metrics.json"):  # each whole: the old or the new one
+        text = (repo / "reports" / name).read_text()
+        assert text.endswith("\n") and len(text) > 100, name
+    resumed = sh("dvc", "repro")
+    assert "Running stage 'report'" in resumed.stdout and "Running stage 'sweep'" not in resumed.stdout
+    assert "Data and pipelines are up to date" in sh("dvc", "status").stdout
+    assert sorted(p.name for p in (repo / "reports" / "curves").glob("*.csv")) == ["both_seed0.csv", "cris_seed0.csv"]
+    assert not list((repo / "reports").glob(".*.tmp*"))  # the rerun left no staging files behind
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert metrics["n_trials"] == 2
 
     # an experiment with a changed sweep param: only the sweep and report stages run again; variants
     # that differ outside masksd.* stay apart, and one seed marks nothing

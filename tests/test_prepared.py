@@ -132,3 +132,24 @@ def test_reader_refuses_incomplete_split(prepared_root, tmp_path):
 def test_size_must_be_a_multiple_of_8(refshapes_root, tmp_path):
     with pytest.raises(ValueError, match="multiple of 8"):
         prepare_split(Refer(refshapes_root, "unc"), "val", tmp_path, 60, 17, progress=False)
+
+
+def test_split_of_an_older_format_is_named_with_both_versions(prepared_root, tmp_path):
+    shutil.copytree(prepared_root / "val", tmp_path / "val")
+    manifest = json.loads((tmp_path / "val" / "manifest.json").read_text())
+    (tmp_path / "val" / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    with pytest.raises(ValueError, match=r"val/manifest\.json: format_version 0, expected 1; prepare the split again"):
+        PreparedSplit(tmp_path / "val")
+
+
+def test_splits_prepared_at_another_size_or_word_len_are_named(refshapes_root, prepared_root, tmp_path):
+    from cmmasksd.config import build_config
+    from cmmasksd.train import open_splits
+
+    shutil.copytree(prepared_root, tmp_path / "prepared")
+    shutil.rmtree(tmp_path / "prepared" / "val")
+    prepare_split(Refer(refshapes_root, "unc"), "val", tmp_path / "prepared", 64, 22, progress=False)
+    config = build_config({"data": {"prepared_dir": str(tmp_path / "prepared")}, "model": "cris-tiny-rn"})
+    with pytest.raises(ValueError, match=r"prepared/val: prepared at size 64, word_len 22, but .*prepared/train at "
+                                         r"size 64, word_len 17"):
+        open_splits(config)

@@ -40,5 +40,6 @@ def test_unknown_setting_is_named(repo):
     root, params = repo
     params.write_text(yaml.safe_dump({"preprocess": {"refcoco": {"split_by": "unc", "size": 64, "word_len": 17,
                                                                  "worker": 2}}}))
-    with pytest.raises(ValueError, match=r"`preprocess.refcoco`: unknown key\(s\) \['worker'\]"):
+    with pytest.raises(ValueError, match=r"`preprocess.refcoco.worker`: Extra inputs are not permitted "
+                                         r"\(allowed: split_by, size, word_len, workers\)"):
         stage.main(["refcoco", "--params", str(params)])

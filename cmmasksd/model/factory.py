@@ -16,6 +16,7 @@ import torch
 from open_clip.model import CLIP
 
 from cmmasksd.config import MaskSDConfig, ModelConfig
+from cmmasksd.io.checkpoint import read_checkpoint, weights_mismatch
 from cmmasksd.model.backbone import ClipBackbone
 from cmmasksd.model.cris import CRIS
 from cmmasksd.model.masksd import CMMaskSD
@@ -41,19 +42,21 @@ def get_model_config(name: str) -> ModelConfig:
 
 
 def load_clip_weights(clip: CLIP, path: str | Path) -> None:
-    """Load a local state dict (raw, or under "state_dict", keys maybe prefixed "module.") strictly."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a local state dict (raw, or under "state_dict", keys maybe prefixed "module.") strictly.
+
+    The keys and shapes are checked before anything is copied: a mismatch never leaves the CLIP
+    half loaded, and the error names the file and a few of the keys.
+    """
+    state = read_checkpoint(Path(path))
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"{path}: not a CLIP state dict (it holds a {type(state).__name__})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    result = clip.load_state_dict(state, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing backbone keys {result.missing_keys}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected keys {result.unexpected_keys}")
-    if problems:
-        raise ValueError(f"{path}: not a checkpoint of this CLIP architecture: " + "; ".join(problems))
+    mismatch = weights_mismatch(clip.state_dict(), state)
+    if mismatch:
+        raise ValueError(f"{path}: not a checkpoint of this CLIP architecture: {mismatch}")
+    clip.load_state_dict(state)
 
 
 def create_clip(name: str, pretrained: str | None = None) -> CLIP:

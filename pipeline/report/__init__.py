@@ -23,10 +23,10 @@ import os
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
+from pipeline.common import load_params, section
 from pipeline.report import render
 from pipeline.report.figures import plot_heatmap, plot_learning_curves, save_note, write_curve_files
 from pipeline.report.load import download_overlay, load_curves, load_trials, missing_trials
@@ -174,18 +174,18 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.params_schema import validate_params  # the library's configs (torch): only when run
+
     parser = argparse.ArgumentParser(description="Ablation tables, figures and DVC metrics from a sweep.")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--sweep-file", type=Path, default=Path("sweep/sweep.json"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
-    params = {}
-    if args.params.exists():
-        params = (yaml.safe_load(args.params.read_text()) or {}).get("report") or {}
+    params = load_params(args.params) if args.params.exists() else validate_params({})  # none: the defaults
+    report = section(params, "report")
     sweep = json.loads(args.sweep_file.read_text())
-    grids = [tuple(g) for g in params.get("grids", DEFAULT_GRIDS)]
+    grids = DEFAULT_GRIDS if report["grids"] is None else [tuple(g) for g in report["grids"]]
     metrics = build_report(sweep["tracking_uri"], sweep["parent_run_id"], args.out,
-                           n_boot=int(params.get("bootstrap_samples", 10_000)),
-                           seed=int(params.get("bootstrap_seed", 0)), grids=grids)
+                           n_boot=report["bootstrap_samples"], seed=report["bootstrap_seed"], grids=grids)
     print(json.dumps(metrics, indent=2))
     return 0

@@ -1,5 +1,6 @@
 """`python -m pipeline.report`: the DVC stage entry point."""
 
+from pipeline.common import run_main
 from pipeline.report import main
 
-raise SystemExit(main())
+run_main(main)

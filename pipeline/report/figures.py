@@ -7,7 +7,9 @@ says why; each function returns whether it drew data, and the report lists the n
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -96,13 +98,18 @@ def plot_learning_curves(curves: pd.DataFrame, trials: pd.DataFrame, highlight: 
 
 def write_curve_files(curves: pd.DataFrame, trials: pd.DataFrame, directory: Path) -> int:
     """One CSV per trial (`epoch,val_miou`) under `directory`, declared under `plots:` in dvc.yaml,
-    so that `dvc plots diff` draws a line per variant and seed for each experiment. Returns the count."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.csv"):
-        stale.unlink()
+    so that `dvc plots diff` draws a line per variant and seed for each experiment. Returns the count.
+
+    The files are written into a fresh sibling folder that then replaces `directory`: a report
+    killed midway leaves the old curves or none, never half a file in the DVC output."""
+    staging = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     named = curves.merge(trials[["run_id", "variant", "seed"]], on="run_id")
     for (variant, seed), rows in named.groupby(["variant", "seed"]):
-        file = directory / f"{re.sub(r'[^A-Za-z0-9=._-]+', '_', str(variant))}_seed{int(seed)}.csv"
+        file = staging / f"{re.sub(r'[^A-Za-z0-9=._-]+', '_', str(variant))}_seed{int(seed)}.csv"
         table = rows.sort_values("step").rename(columns={"step": "epoch", "value": "val_miou"})
         table[["epoch", "val_miou"]].to_csv(file, index=False)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
     return named.groupby(["variant", "seed"]).ngroups
