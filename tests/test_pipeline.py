@@ -355,17 +355,30 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     first_figure = repo / "reports" / "heatmap_mask_ratio.png"
     before = first_figure.stat().st_mtime_ns
+
+    def rewritten() -> bool:
+        try:
+            return first_figure.stat().st_mtime_ns != before
+        except FileNotFoundError:  # DVC removes a stage's outputs before it runs the stage
+            return False
+
     repro = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and repro.poll() is None and first_figure.stat().st_mtime_ns == before:
+    while time.time() < deadline and repro.poll() is None and not rewritten():
         time.sleep(0.02)
     os.killpg(repro.pid, signal.SIGKILL)  # the report has begun writing: its first figure is new
     assert repro.wait(timeout=60) == -signal.SIGKILL, "the report finished before it could be killed"
     assert "report" in sh("dvc", "status").stdout
-    for name in ("ablation.md", "ablation.csv", "metrics.json"):  # each whole: the old or the new one
-        text = (repo / "reports" / name).read_text()
-        assert text.endswith("\n") and len(text) > 100, name
+    reports = repo / "reports"
+    if (reports / "metrics.json").exists():  # each output is absent or whole, never half written
+        json.loads((reports / "metrics.json").read_text())
+    if (reports / "ablation.csv").exists():
+        assert not pd.read_csv(reports / "ablation.csv").empty
+    if (reports / "ablation.md").exists():
+        assert (reports / "ablation.md").read_text().endswith("\n")
+    if (reports / "curves").exists():
+        assert len(list((reports / "curves").glob("*.csv"))) == 2
     resumed = sh("dvc", "repro")
     assert "Running stage 'report'" in resumed.stdout and "Running stage 'sweep'" not in resumed.stdout
     assert "Data and pipelines are up to date" in sh("dvc", "status").stdout
