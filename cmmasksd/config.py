@@ -81,6 +81,10 @@ class MaskSDConfig(_Strict):
     # LMVSD masking cell in pixels; None: the backbone's own (32 for ResNet, the patch size for ViT).
     # A ViT masks whole tokens, so it accepts only its patch size (checked when the model is built).
     mask_cell: int | None = Field(default=None, gt=0)
+    # How a ViT's masked LMVSD pass hides patches. token: the learned mask token replaces them at the
+    # input (every token is encoded); drop: MAE-style, only the visible patches are encoded and the
+    # mask token fills the dropped positions after the encoder (cheaper by the masked fraction).
+    vit_masking: Literal["token", "drop"] = "token"
 
     @property
     def use_lmvsd(self) -> bool:

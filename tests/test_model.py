@@ -45,9 +45,9 @@ def count_calls(obj, name: str) -> list:
     """Wrap `obj.<name>` so every call appends to the returned list."""
     calls, original = [], getattr(obj, name)
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(1)
-        return original(*args)
+        return original(*args, **kwargs)
 
     setattr(obj, name, counted)
     return calls

@@ -94,6 +94,10 @@ def value_path(pool: AttentionPool2d, x: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).reshape(b, -1, h, w)
 
 
+def _as_is(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens
+
+
 def _resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear up, average down: ViT's single-stride maps to CRIS's three strides."""
     if size[0] > x.shape[-2]:
@@ -179,18 +183,22 @@ class ClipBackbone(nn.Module):
             raise ValueError(f"image size must be a multiple of 32, got {tuple(images.shape[-2:])}")
         return (images.float() / 255.0 - self.mean) / self.std
 
-    def encode_image(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> VisualFeatures:
+    def encode_image(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None,
+                     drop: bool = False) -> VisualFeatures:
         """uint8 images (and optionally a B x gh x gw patch mask, True = masked) -> three levels + joint map.
 
         A ViT's mask is on its patch grid; a ResNet's on any grid of square cells that tile the input.
+        `drop` (ViT only): encode the visible patches alone (`_encode_vit`).
         """
+        if drop and not self.is_vit:
+            raise ValueError("dropping masked patches needs a ViT; a ResNet zeroes its masked cells")
         x = self.normalize(images)
         if patch_mask is not None and self.is_vit:
             grid = (x.shape[-2] // self.patch_stride, x.shape[-1] // self.patch_stride)
             if tuple(patch_mask.shape[1:]) != grid:
                 raise ValueError(f"patch_mask must be B x {grid[0]} x {grid[1]} (a ViT masks whole tokens), "
                                  f"got {tuple(patch_mask.shape)}")
-        return self._encode_vit(x, patch_mask) if self.is_vit else self._encode_resnet(x, patch_mask)
+        return self._encode_vit(x, patch_mask, drop) if self.is_vit else self._encode_resnet(x, patch_mask)
 
     def _encode_resnet(self, x: torch.Tensor, patch_mask: torch.Tensor | None) -> VisualFeatures:
         visual = self.clip.visual
@@ -205,31 +213,63 @@ class ClipBackbone(nn.Module):
         f32 = F.relu(joint + self.pool_residual(c5))
         return VisualFeatures([f8, f16, f32], joint, (h, w), value_path(visual.attnpool, c5))
 
-    def _encode_vit(self, x: torch.Tensor, patch_mask: torch.Tensor | None) -> VisualFeatures:
+    def _encode_vit(self, x: torch.Tensor, patch_mask: torch.Tensor | None, drop: bool = False) -> VisualFeatures:
+        """Masked patches are replaced by the mask token at the input (`drop` False), or dropped.
+
+        Dropping (MAE): the visible tokens, with their positional embeddings, are encoded alone, so
+        they attend only to each other and the encoder's cost falls with the visible fraction; each
+        block's output then gets the mask token at the dropped positions, so the neck sees a full
+        grid. With replacement, the mask tokens go through every block: the visible tokens attend
+        to them, and they leave the encoder as features of their own.
+        """
         visual = self.clip.visual
         size = x.shape[-2:]
         x = visual.conv1(x)
         b, _, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)  # B x N x width
-        if patch_mask is not None:
-            if self.visual_mask_token is None:
-                raise ValueError("this backbone was built without mask tokens (with_mask_tokens=False)")
+        if patch_mask is not None and self.visual_mask_token is None:
+            raise ValueError("this backbone was built without mask tokens (with_mask_tokens=False)")
+        if patch_mask is not None and not drop:
             x = torch.where(patch_mask.reshape(b, -1, 1), self.visual_mask_token.to(x.dtype), x)
         cls = visual.class_embedding.to(x.dtype).expand(b, 1, -1)
         x = torch.cat([cls, x], dim=1)
         x = x + resize_pos_embed(visual.positional_embedding, visual.grid_size, (h, w)).to(x.dtype)
+        refill = _as_is
+        if patch_mask is not None and drop:
+            x, refill = self._drop_masked(x, patch_mask.reshape(b, -1))
         first = visual.ln_pre(x)
         blocks = len(visual.transformer.resblocks)
         wanted = sorted({i - 1 for i in self.vit_layers} | ({blocks - 2} if blocks > 1 else set()))
         x, taken = visual.transformer.forward_intermediates(first, indices=wanted)
-        taken = dict(zip(wanted, taken))
-        before_last = taken.get(blocks - 2, first)  # the last block's input
+        x = refill(x)
+        taken = {i: refill(t) for i, t in zip(wanted, taken)}
+        before_last = taken.get(blocks - 2, refill(first))  # the last block's input
         levels = [
             _resample(taken[i - 1][:, 1:].transpose(1, 2).reshape(b, -1, h, w), (size[0] // s, size[1] // s))
             for i, s in zip(self.vit_layers, _LEVEL_STRIDES)
         ]
         joint = (visual.ln_post(x[:, 1:]) @ visual.proj).transpose(1, 2).reshape(b, -1, h, w)
         return VisualFeatures(levels, joint, (h, w), self._vit_values(before_last[:, 1:], (h, w)))
+
+    def _drop_masked(self, x: torch.Tensor, masked: torch.Tensor):
+        """Keep the class token and the visible patch tokens (B x 1+N x C -> B x 1+V x C, V equal
+        per image), and a function that puts encoded tokens back on the full grid, the mask token
+        at the dropped positions."""
+        b, n = masked.shape
+        visible = (~masked).sum(dim=1)
+        if not bool((visible == visible[0]).all()):
+            raise ValueError("dropping needs the same number of visible patches in every image of a batch")
+        order = (~masked).float().argsort(dim=1, descending=True, stable=True)[:, : int(visible[0])]  # B x V
+        index = order[..., None]
+
+        def refill(tokens: torch.Tensor) -> torch.Tensor:
+            width = tokens.shape[-1]
+            grid = self.visual_mask_token.to(tokens.dtype).expand(b, n, width)
+            grid = grid.scatter(1, index.expand(-1, -1, width), tokens[:, 1:])
+            return torch.cat([tokens[:, :1], grid], dim=1)
+
+        kept = x[:, 1:].gather(1, index.expand(-1, -1, x.shape[-1]))
+        return torch.cat([x[:, :1], kept], dim=1), refill
 
     def _vit_values(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The last block's value path alone (no query-key mixing, no residual, no MLP), then CLIP's

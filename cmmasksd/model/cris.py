@@ -177,8 +177,9 @@ class CRIS(nn.Module):
                                cfg.decoder_ffn, cfg.decoder_dropout)
         self.head = Head(cfg.neck_dim, cfg.head_dim, backbone.embed_dim, cfg.head_kernel)
 
-    def encode_image(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None) -> VisualFeatures:
-        return self.backbone.encode_image(images, patch_mask)
+    def encode_image(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None,
+                     drop: bool = False) -> VisualFeatures:
+        return self.backbone.encode_image(images, patch_mask, drop)
 
     def encode_text(self, tokens: torch.Tensor, word_mask: torch.Tensor | None = None) -> TextFeatures:
         return self.backbone.encode_text(tokens, word_mask)

@@ -120,6 +120,8 @@ class CMMaskSD(nn.Module):
         if seg.backbone.is_vit and cfg.mask_cell not in (None, stride):
             raise ValueError(f"mask_cell must be the ViT's patch size {stride} or None (a ViT masks whole tokens), "
                              f"got {cfg.mask_cell}")
+        if cfg.vit_masking == "drop" and not seg.backbone.is_vit:
+            raise ValueError("masksd.vit_masking: drop needs a ViT backbone (a ResNet zeroes its masked cells)")
         self.cfg = cfg
         self.seg = seg
         # Ablation of weight sharing: the masked branches get their own copy, same initialisation.
@@ -197,7 +199,7 @@ class CMMaskSD(nn.Module):
 
     def _lmvsd_logits(self, images, tokens, patch_mask: torch.Tensor, txt: TextFeatures) -> torch.Tensor:
         net = self.masked_net
-        masked_vis = net.encode_image(images, patch_mask)
+        masked_vis = net.encode_image(images, patch_mask, drop=self.cfg.vit_masking == "drop")
         return net.decode(masked_vis, txt if net is self.seg else net.encode_text(tokens))
 
     def _vmlsd_logits(self, images, tokens, vis: VisualFeatures, word_mask: torch.Tensor) -> torch.Tensor:
