@@ -340,7 +340,7 @@ def test_training_loss_forward_backward(tiny_cris, kind, switches):
     loss.backward()
 
     assert torch.isfinite(loss) and set(parts) == {"seg", "lmvsd", "vmlsd"}
-    assert loss.item() == pytest.approx(sum(parts.values()), rel=1e-5)
+    assert loss.item() == pytest.approx(sum(float(v) for v in parts.values()), rel=1e-5)
     assert (parts["lmvsd"] > 0) == cfg.use_lmvsd and (parts["vmlsd"] > 0) == cfg.use_vmlsd
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -145,7 +145,8 @@ class CMMaskSD(nn.Module):
 
     def training_loss(self, images: torch.Tensor, tokens: torch.Tensor, gt_mask: torch.Tensor,
                       stats: MaskStats | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and its parts {seg, lmvsd, vmlsd} (each as added to the total; 0 when off).
+        """Total loss and its parts {seg, lmvsd, vmlsd} (each as added to the total; 0 when off), the
+        parts as detached 0-dim tensors: reading one is a device sync, left to the caller.
 
         In eval mode only the main branch runs, so this is the validation loss of the main branch.
         `stats`, if given, counts where the drawn masks fall (for the hit rates).
@@ -168,7 +169,8 @@ class CMMaskSD(nn.Module):
             parts["vmlsd"] = self._branch_loss(self._vmlsd_logits(images, tokens, vis, mask), logits, gt_mask,
                                                cfg.lambda_t)
         total = sum(parts.values())
-        report = {"seg": 0.0, "lmvsd": 0.0, "vmlsd": 0.0} | {k: float(v.detach()) for k, v in parts.items()}
+        zero = total.new_zeros(()).detach()
+        report = {"seg": zero, "lmvsd": zero, "vmlsd": zero} | {k: v.detach() for k, v in parts.items()}
         return total, report
 
     def _branch_loss(self, branch_logits, main_logits, gt_mask, weight: float) -> torch.Tensor:
