@@ -57,14 +57,14 @@ def metric_steps(db, key: str) -> dict[str, list[int]]:
 
 
 def test_tracking_server_down_mid_sweep_loses_nothing(prepared_root, tmp_path):
-    """The server stops while the trials train epoch 2 of 3 and comes back 20 s later, on the same
+    """The server stops while the trials train epoch 2 of 2 and comes back 20 s later, on the same
     port and store. MLflow's client retries each request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default
     7, about two minutes with backoff); longer outages fail the trial and Tune retries it from its
     checkpoint into its own run. Either way: nothing lost, nothing trained or logged twice."""
     server = MlflowServer(tmp_path / "server")
     (tmp_path / "server").mkdir()
     server.start()
-    epochs = 3
+    epochs = 2
     repo = make_repo(tmp_path, prepared_root, train={"optim": {"epochs": epochs}},
                      **{"mlflow.tracking_uri": server.uri})
     sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep"], cwd=repo, stdout=subprocess.PIPE,
