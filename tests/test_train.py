@@ -287,3 +287,24 @@ def test_bf16_autocast_only_where_the_cpu_has_it_and_runs_stay_deterministic(pre
     assert runs[0].final == runs[1].final
     off = deep_merge(tiny_config(prepared_root, tmp_path / "off"), {**short, "optim": {**short["optim"], "amp": False}})
     assert train(build_config(off)).cost["bf16"] == 0.0
+
+
+def test_bf16_run_interrupted_and_resumed_ends_with_the_same_weights(prepared_root, tmp_path, monkeypatch):
+    """The AMP path on the CPU (bf16 autocast + channels_last, as on a CPU with avx512_bf16) resumes exactly."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    two = {"optim": {"epochs": 2, "milestones": []}, "num_overlays": 0}
+    straight = train(build_config(deep_merge(tiny_config(prepared_root, tmp_path / "straight"), two)))
+    config = build_config(deep_merge(tiny_config(prepared_root, tmp_path / "resumed"), two))
+
+    def stop_after_first(report):
+        if report.epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(config, on_epoch=stop_after_first)
+    resumed = train(config)
+    assert straight.cost["bf16"] == resumed.cost["bf16"] == 1.0
+    a = torch.load(tmp_path / "straight" / CHECKPOINT_DIR / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / CHECKPOINT_DIR / "last.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
