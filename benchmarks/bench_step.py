@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cmmasksd.config import MaskSDConfig
 from cmmasksd.data import Refer, RefShapesConfig, generate_refshapes, prepare_split
-from cmmasksd.data.prepared import PreparedSplit
+from cmmasksd.data.split import PreparedSplit
 from cmmasksd.evaluate import evaluate_split
 from cmmasksd.losses import seg_loss
 from cmmasksd.model import create_model, get_model_config
@@ -150,10 +150,9 @@ def main() -> None:
     device = torch.device(args.device)
     model_cfg = get_model_config(args.model).model_copy(update={"pretrained": None})  # random: same cost, no network
     data = batch(args.size, args.batch, args.word_len, device)
-    variants = dict(VARIANTS)
     rows = []
     for name in args.variants or list(VARIANTS) + list(DROP_VARIANTS):
-        settings = variants.get(name) or DROP_VARIANTS[name]
+        settings = {**VARIANTS, **DROP_VARIANTS}[name]
         torch.manual_seed(0)
         try:
             model = create_model(model_cfg, MaskSDConfig(**settings, mask_cell=args.mask_cell)).to(device)

@@ -5,7 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cmmasksd.data.dataset import RefSegDataset
-from cmmasksd.data.prepared import PreparedSplit
+from cmmasksd.data.split import PreparedSplit
 
 
 def _split(prepared_root):

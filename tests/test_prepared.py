@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 
 from cmmasksd.data.letterbox import letterbox_image, letterbox_mask
-from cmmasksd.data.prepared import PreparedSplit, clip_tokenizer, prepare_split
+from cmmasksd.data.prepared import clip_tokenizer, prepare_split
 from cmmasksd.data.refer import Refer
 from cmmasksd.data.safe_pickle import load_pickle
+from cmmasksd.data.split import PreparedSplit
 
 
 def test_round_trip_equals_refer(refshapes_root, prepared_root):

@@ -3,7 +3,6 @@
 from cmmasksd.data.dataset import RefSegDataset
 from cmmasksd.data.letterbox import LetterboxMeta, letterbox_image, letterbox_mask, unletterbox
 from cmmasksd.data.prepared import (
-    PreparedSplit,
     PrepareReport,
     clip_tokenizer,
     format_reports,
@@ -22,6 +21,7 @@ from cmmasksd.data.refer import (
 )
 from cmmasksd.data.refshapes import RefShapesConfig, generate_refshapes, refshapes_stats
 from cmmasksd.data.safe_pickle import UnsafePickleError, load_pickle
+from cmmasksd.data.split import PreparedSplit
 
 __all__ = [
     "OFFICIAL_COUNTS",

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cmmasksd.data.prepared import PreparedSplit, clip_tokenizer
+from cmmasksd.data.prepared import clip_tokenizer
+from cmmasksd.data.split import PreparedSplit
 
 
 class RefSegDataset(Dataset):
