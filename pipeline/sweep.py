@@ -170,6 +170,15 @@ def run_trial(spec: dict[str, Any]) -> None:
     overrides = {k: v for k, v in spec["trial"]["overrides"].items() if k != "seed"}
     run = TrialRun(spec["tracking_uri"], spec["experiment_id"], spec["parent_run_id"], trial_id,
                    spec["trial"]["name"], overrides, spec["identity"], dataset_input(**spec["dataset"]))
+    if run.finished:  # done before an interruption: report what it logged, train nothing
+        (ckpt_dir / LAST).unlink(missing_ok=True)
+        logged = run.client.get_run(run.run_id).data.metrics
+        final = {k: v for k, v in logged.items() if k.startswith(("final/", "cost/"))}
+        tune.report({**final, METRIC: logged[f"final/{METRIC}"], "epoch": config.optim.epochs,
+                     "mlflow_run_id": run.run_id, "done": True},
+                    checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
+        shutil.rmtree(out_dir)
+        return
     run.log_config(config.model_dump(mode="json"))
     if checkpoint is not None:
         run.client.set_tag(run.run_id, "cmmasksd.resumed_from_epoch", str(resumed_epoch))

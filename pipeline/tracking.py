@@ -150,9 +150,13 @@ class TrialRun:
             [experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TRIAL_ID}` = '{trial_id}'",
         )
+        # A run already FINISHED belongs to a trial stopped after it logged everything but before
+        # Tune recorded it as done: it is left as it is (`finished`), not trained or logged again.
+        self.finished = bool(found) and found[0].info.status == RunStatus.to_string(RunStatus.FINISHED)
         if found:
             self.run_id = found[0].info.run_id
-            self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            if not self.finished:
+                self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             self.resumed = True
         else:
             tags = {"mlflow.parentRunId": parent_run_id, ROLE: "trial", TRIAL_ID: trial_id, VARIANT: variant,
