@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,13 +54,23 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
+    """One run; under `torchrun --nproc-per-node N` each process joins the group and trains its share."""
+    import torch.distributed as dist
+
     from cmmasksd.config import load_config
+    from cmmasksd.distributed import Dist, init_from_env
     from cmmasksd.train import train
 
     config = load_config(args.config, _parse_overrides(args.set))
-    result = train(config)
-    print(json.dumps({"out_dir": str(result.out_dir), "best_epoch": result.best_epoch, "final": result.final,
-                      "cost": result.cost}, indent=2))
+    joined = init_from_env()
+    try:
+        result = train(config)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+    if Dist(int(os.environ.get("RANK", 0))).main:
+        print(json.dumps({"out_dir": str(result.out_dir), "best_epoch": result.best_epoch, "final": result.final,
+                          "cost": result.cost}, indent=2))
 
 
 def cmd_evaluate(args) -> None:
@@ -122,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes decoding images (a rerun resumes)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train and evaluate one run")
+    p = sub.add_parser("train", help="train and evaluate one run (data-parallel under torchrun)")
     p.add_argument("--config", required=True, help="YAML file or shipped config name (demo-cris, demo-cmmasksd, ...)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. masksd.lambda_v=0.5")
     p.set_defaults(func=cmd_train)

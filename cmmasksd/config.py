@@ -128,6 +128,7 @@ class TrainConfig(_Strict):
     out_dir: Path = Path("runs/default")
     eval_threshold: float = Field(default=0.35, gt=0.0, lt=1.0)  # CRIS's threshold
     num_overlays: int = Field(default=4, ge=0)  # prediction overlays saved after training
+    compile: bool = False  # torch.compile the training step (opt-in: minutes of compiling first)
 
 
 class PretrainConfig(_Strict):

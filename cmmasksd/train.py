@@ -5,6 +5,11 @@ The run is a pure function of the config: the data order of epoch e depends only
 optimizer, schedule, RNG), so a run interrupted and restarted with the same `out_dir` ends
 with the same weights as one that never stopped. Tracking systems stay outside: callers
 pass `on_epoch` (Ray Tune and MLflow do, in `pipeline/`).
+
+Started inside a `torch.distributed` process group (torchrun, Ray Train) it trains data-parallel
+(`cmmasksd.distributed`): each rank takes its slice of every global batch of
+`optim.batch_size`, gradients are averaged by DDP, evaluation is sharded, and rank 0 alone
+writes checkpoints (with every rank's RNG state), tables and figures.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cmmasksd.config import MaskSDConfig, TrainConfig
-from cmmasksd.data import PreparedSplit, RefSegDataset
+from cmmasksd.data import EpochBatchSampler, PreparedSplit, RefSegDataset
+from cmmasksd.distributed import Dist, barrier, broadcast_weights, gather_objects, local_device, sum_tensors, training_step
 from cmmasksd.evaluate import SplitEvaluation, evaluate_split
 from cmmasksd.io.checkpoint import read_checkpoint, read_resume_state, save_checkpoint
 from cmmasksd.model import CMMaskSD, create_model
@@ -37,15 +43,16 @@ BEST = "best.pt"
 # Fields that do not change what is computed; a resumed run may differ in them.
 _RESUME_KEYS = ("model", "optimizer", "scheduler", "rng_cpu", "epoch", "history", "best_val", "best_epoch",
                 "fingerprint")
-_RUNTIME_FIELDS = {"out_dir", "device", "threads", "num_overlays"}
+_RUNTIME_FIELDS = {"out_dir", "device", "threads", "num_overlays", "compile"}
 
 
 @dataclass
 class EpochReport:
     epoch: int  # number of finished epochs (1-based)
     metrics: dict[str, float]  # train/*, val/*, mask/* (branches that ran), lr, epoch_time_s, step_time_s
-    checkpoint_dir: Path  # holds last.pt: everything needed to resume
+    checkpoint_dir: Path  # holds last.pt: everything needed to resume (written by rank 0)
     is_best: bool
+    rank: int = 0  # every rank reports; only rank 0's checkpoint_dir holds this epoch's files
 
 
 @dataclass
@@ -162,12 +169,13 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = None) -> TrainResult:
     """Train, select on val, evaluate every split; resumes from `out_dir/checkpoints/last.pt`."""
+    ctx = Dist.current()
     out_dir = Path(config.out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
+    device = local_device(resolve_device(config.device), ctx)
     torch.manual_seed(config.seed)
 
     # data
@@ -178,6 +186,12 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         max_items=config.data.max_train_objects,
     )
     info = {"input_size": train_split.size, "word_len": train_split.word_len}
+    sampler = EpochBatchSampler(len(train_set), config.optim.batch_size, config.seed,
+                                drop_last=len(train_set) > config.optim.batch_size, rank=ctx.rank, world=ctx.world)
+    workers = config.data.num_workers
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0,  # started once: the epoch comes with each key
+                        generator=torch.Generator().manual_seed(config.seed))  # workers' seeds: not the global RNG
 
     # model, optimizer, schedule
     model = create_model(config.model, config.masksd).to(device)
@@ -190,42 +204,38 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
     # resume
     start_epoch, history, best_val, best_epoch = 0, [], -1.0, 0
     last_path = ckpt_dir / LAST
-    state = read_resume_state(last_path, _RESUME_KEYS)
+    state = _read_resume(last_path, ctx)
     if state is not None:
         if state["fingerprint"] != run_fingerprint(config):
             raise ValueError(f"{last_path}: holds a run with a different config; use another out_dir")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"], device)
         start_epoch, history = state["epoch"], state["history"]
         best_val, best_epoch = state["best_val"], state["best_epoch"]
         log.info("resumed %s at epoch %d", out_dir, start_epoch)
+    _set_rng(state, config.seed, device, ctx)
+    step = training_step(model, device, ctx)
+    if config.compile:
+        step = torch.compile(step)
 
     step_times: list[float] = []
     timer = StepTimer(device)
     epochs = tqdm(range(start_epoch, config.optim.epochs), desc="train", initial=start_epoch,
-                  total=config.optim.epochs, disable=None)
+                  total=config.optim.epochs, disable=None if ctx.main else True)
     for epoch in epochs:
         model.train()
-        train_set.set_epoch(epoch)
-        loader = DataLoader(
-            train_set, batch_size=config.optim.batch_size, shuffle=True, drop_last=len(train_set) > config.optim.batch_size,
-            num_workers=config.data.num_workers, generator=torch.Generator().manual_seed(config.seed * 10_007 + epoch),
-            pin_memory=device.type == "cuda", persistent_workers=False,
-        )
+        sampler.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
         mask_stats = MaskStats()
         epoch_start = time.perf_counter()
-        for batch in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None):
+        for batch in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None if ctx.main else True):
             timer.start()
             images = batch["image"].to(device, non_blocking=True)
             tokens = batch["tokens"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, parts = model.training_loss(images, tokens, masks, mask_stats)
+                loss, parts = step(images, tokens, masks, mask_stats)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.optim.grad_clip:
@@ -244,7 +254,9 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
             threshold=config.eval_threshold, max_items=config.data.max_eval_expressions,
             blank_text=config.data.blank_text,
         )
-        metrics = {f"train/{k}": float(v) / n_steps for k, v in sums.items()}
+        mask_stats.sums = sum_tensors(mask_stats.sums, ctx)  # counts over every rank's samples
+        sums = sum_tensors(sums, ctx)
+        metrics = {f"train/{k}": float(v) / (n_steps * ctx.world) for k, v in sums.items()}
         metrics.update({f"val/{k}": v for k, v in val.metrics.items()})
         metrics.update(mask_stats.metrics())
         metrics.update(lr=lr, epoch_time_s=time.perf_counter() - epoch_start,
@@ -253,8 +265,9 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         is_best = val.metrics["miou"] > best_val
         if is_best:
             best_val, best_epoch = val.metrics["miou"], epoch + 1
-            save_checkpoint({"model": model.state_dict(), "info": info,
-                          "config": config.model_dump(mode="json"), "epoch": epoch + 1}, ckpt_dir / BEST)
+            if ctx.main:
+                save_checkpoint({"model": model.state_dict(), "info": info,
+                                 "config": config.model_dump(mode="json"), "epoch": epoch + 1}, ckpt_dir / BEST)
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
@@ -263,20 +276,62 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         }
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(state, last_path)
+        ranks_rng = gather_objects((state["rng_cpu"], state.get("rng_cuda")), ctx)
+        if ctx.world > 1:
+            state["rng_ranks"] = ranks_rng
+        if ctx.main:
+            save_checkpoint(state, last_path)
+        barrier(ctx)  # rank 0's files are complete before any rank reports the epoch
         epochs.set_postfix(loss=f"{metrics['train/loss']:.3f}", val_miou=f"{val.metrics['miou']:.3f}")
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
         if on_epoch is not None:
-            on_epoch(EpochReport(epoch + 1, metrics, ckpt_dir, is_best))
+            on_epoch(EpochReport(epoch + 1, metrics, ckpt_dir, is_best, ctx.rank))
 
-    return _finish(config, model, splits, history, best_epoch, best_val, step_times, device)
+    return _finish(config, model, splits, history, best_epoch, best_val, step_times, device, ctx)
 
 
-def _finish(config, model, splits, history, best_epoch, best_val, step_times, device) -> TrainResult:
-    """Reload the val-selected weights, evaluate every split, write tables, figures and results.json."""
+def _read_resume(last_path: Path, ctx: Dist) -> dict | None:
+    """The resume state, read by every rank from its own `out_dir` once rank 0 has read (and, if
+    unusable, set aside) the shared one; all ranks must resume at the same epoch."""
+    state = read_resume_state(last_path, _RESUME_KEYS) if ctx.main else None
+    barrier(ctx)
+    if not ctx.main:
+        state = read_resume_state(last_path, _RESUME_KEYS)
+    epochs = gather_objects(None if state is None else state["epoch"], ctx)
+    if len(set(epochs)) > 1:
+        raise RuntimeError(f"{last_path}: the ranks would resume at different epochs {epochs}; "
+                           "give every rank the same checkpoint")
+    return state
+
+
+def _set_rng(state: dict | None, seed: int, device: torch.device, ctx: Dist) -> None:
+    """Continue each rank's random stream from the checkpoint; in a group, ranks draw apart."""
+    if state is None:
+        if ctx.world > 1:
+            torch.manual_seed(seed * 10_007 + 1 + ctx.rank)  # each rank its own masks
+        return
+    ranks = state.get("rng_ranks")
+    if ctx.world == 1:
+        cpu, cuda = state["rng_cpu"], state.get("rng_cuda")
+    elif ranks is not None and len(ranks) == ctx.world:
+        cpu, cuda = ranks[ctx.rank]
+    else:
+        log.warning("resuming with %d processes a run saved with %d: new random streams", ctx.world,
+                    len(ranks) if ranks else 1)
+        torch.manual_seed(seed * 10_007 + 1 + ctx.rank + state["epoch"] * 1_000_003)
+        return
+    torch.set_rng_state(cpu)
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def _finish(config, model, splits, history, best_epoch, best_val, step_times, device, ctx) -> TrainResult:
+    """Reload the val-selected weights, evaluate every split; rank 0 writes tables, figures, results.json."""
     out_dir = Path(config.out_dir)
     best_path = out_dir / CHECKPOINT_DIR / BEST
-    model.load_state_dict(read_checkpoint(best_path)["model"])
+    if ctx.main:  # only rank 0 has it on its disk (Ray Train workers may sit on other nodes)
+        model.load_state_dict(read_checkpoint(best_path)["model"])
+    broadcast_weights(model, ctx)
     eval_names = config.data.eval_splits or [n for n in splits if n != config.data.train_split]
     final: dict[str, dict[str, float]] = {}
     tables: dict[str, Path] = {}
@@ -289,8 +344,9 @@ def _finish(config, model, splits, history, best_epoch, best_val, step_times, de
         )
         evaluations[name] = evaluation
         final[name] = evaluation.metrics
-        tables[name] = out_dir / f"per_expression_{name}.csv"
-        evaluation.per_expression.to_csv(tables[name], index=False)
+        if ctx.main:
+            tables[name] = out_dir / f"per_expression_{name}.csv"
+            evaluation.per_expression.to_csv(tables[name], index=False)
 
     total = _count_parameters(model)
     baseline = total
@@ -305,14 +361,16 @@ def _finish(config, model, splits, history, best_epoch, best_val, step_times, de
         "params_extra": float(total - baseline),  # 0 for the CRIS baseline: no mask tokens built
         "bf16": float(config.optim.amp and native_bf16(device)),  # 1: trained under bf16 autocast
     }
-    figures = [save_learning_curves(history, out_dir / "learning_curves.png")]
+    result = TrainResult(out_dir, best_epoch, best_val, history, final, tables, cost, best_path)
+    if not ctx.main:
+        return result
+    result.figures = [save_learning_curves(history, out_dir / "learning_curves.png")]
     val_name = config.data.val_split
     if config.num_overlays and val_name in evaluations:
-        figures.append(save_prediction_overlays(
+        result.figures.append(save_prediction_overlays(
             model, splits[val_name], evaluations[val_name].per_expression, out_dir / "overlays_val.png",
             device=device, count=config.num_overlays, threshold=config.eval_threshold,
             blank_text=config.data.blank_text,
         ))
-    result = TrainResult(out_dir, best_epoch, best_val, history, final, tables, cost, best_path, figures)
     (out_dir / "results.json").write_text(json.dumps(asdict(result), indent=2, default=str))
     return result

@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cmmasksd.data.dataset import RefSegDataset
+from cmmasksd.data.sampler import EpochBatchSampler
 from cmmasksd.data.split import PreparedSplit
 
 
@@ -32,16 +33,27 @@ def test_expression_draw_depends_on_seed_and_epoch_only(prepared_root):
     split = _split(prepared_root)
     ds = RefSegDataset(split, train=True, seed=3)
     multi = [i for i in range(split.n_objects) if len(split.sentences_of(i)) > 1]
-    draws = {}
-    for epoch in range(4):
-        ds.set_epoch(epoch)
-        draws[epoch] = [ds[i]["sentence_idx"] for i in multi]
+    draws = {epoch: [ds[epoch, i]["sentence_idx"] for i in multi] for epoch in range(4)}
     assert len({tuple(d) for d in draws.values()}) > 1  # the choice changes between epochs
-    ds.set_epoch(2)
-    assert [ds[i]["sentence_idx"] for i in multi] == draws[2]
-    loader = DataLoader(ds, batch_size=8, num_workers=2)
-    by_workers = torch.cat([batch["sentence_idx"] for batch in loader]).tolist()
-    assert by_workers == [ds[i]["sentence_idx"] for i in range(len(ds))]
+    assert [ds[2, i]["sentence_idx"] for i in multi] == draws[2]
+    assert [ds[i]["sentence_idx"] for i in multi] == draws[0]  # a bare index is epoch 0
+
+
+def test_persistent_workers_draw_each_epochs_expressions(prepared_root):
+    """Workers started once for the run (persistent) still draw a new expression each epoch,
+    the same as in the main process, because the epoch comes with every key."""
+    ds = RefSegDataset(_split(prepared_root), train=True, seed=3)
+    sampler = EpochBatchSampler(len(ds), 8, seed=3)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=2, persistent_workers=True)
+    seen = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(loader)
+        order = [i for batch in sampler for _, i in batch]
+        assert torch.cat([b["object_idx"] for b in batches]).tolist() == order
+        assert torch.cat([b["sentence_idx"] for b in batches]).tolist() == [ds[epoch, i]["sentence_idx"] for i in order]
+        seen.append(torch.cat([b["sentence_idx"] for b in batches]).sort().values.tolist())
+    assert len({tuple(s) for s in seen}) > 1
 
 
 def test_eval_items_are_expressions(prepared_root):
@@ -61,12 +73,11 @@ def test_blank_text_and_max_items(prepared_root):
 
 def test_pickles_without_the_arrays(prepared_root):
     ds = RefSegDataset(_split(prepared_root), train=True, seed=3)
-    ds.set_epoch(2)
     data = pickle.dumps(ds)
     assert len(data) < 10_000  # workers reopen the memmaps
     copy = pickle.loads(data)
     assert len(copy) == len(ds)
-    for i in range(len(ds)):  # same items, and the same expression draws (seed and epoch kept)
-        mine, theirs = ds[i], copy[i]
+    for i in range(len(ds)):  # same items, and the same expression draws (the seed is kept)
+        mine, theirs = ds[2, i], copy[2, i]
         assert (theirs["object_idx"], theirs["sentence_idx"]) == (mine["object_idx"], mine["sentence_idx"])
         assert all(torch.equal(theirs[key], mine[key]) for key in ("image", "tokens", "mask"))

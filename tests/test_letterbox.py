@@ -51,5 +51,14 @@ def test_mask_must_match_the_image():
     meta = LetterboxMeta.fit(10, 20, 32)
     with pytest.raises(ValueError, match=r"mask shape \(20, 10\)"):
         letterbox_mask(np.zeros((20, 10), bool), meta)
-    with pytest.raises(ValueError, match=r"expected a \(32, 32\) map"):
+    with pytest.raises(ValueError, match=r"expected a \(\.\.\., 32, 32\) map"):
         unletterbox(np.zeros((16, 16)), meta)
+
+
+def test_maps_of_one_image_unletterbox_in_one_call_as_one_by_one():
+    meta = LetterboxMeta.fit(37, 61, 32)
+    maps = torch.rand(5, 32, 32, generator=torch.Generator().manual_seed(0))
+    together = unletterbox(maps, meta)
+    assert together.shape == (5, 37, 61)
+    for one, batched in zip(maps, together):
+        assert torch.equal(unletterbox(one, meta), batched)  # bit for bit: the metric is unchanged

@@ -21,11 +21,13 @@ from cmmasksd.data.refer import (
 )
 from cmmasksd.data.refshapes import RefShapesConfig, generate_refshapes, refshapes_stats
 from cmmasksd.data.safe_pickle import UnsafePickleError, load_pickle
+from cmmasksd.data.sampler import EpochBatchSampler, epoch_order
 from cmmasksd.data.split import PreparedSplit
 
 __all__ = [
     "OFFICIAL_COUNTS",
     "CountCheck",
+    "EpochBatchSampler",
     "LetterboxMeta",
     "PrepareReport",
     "PreparedSplit",
@@ -38,6 +40,7 @@ __all__ = [
     "UnsafePickleError",
     "check_official_counts",
     "clip_tokenizer",
+    "epoch_order",
     "format_count_checks",
     "format_reports",
     "generate_refshapes",

@@ -1,7 +1,9 @@
 """Torch view of a prepared split: one item per object (training) or per expression (evaluation).
 
 Training draws one of the object's expressions per epoch, as CRIS does. The draw depends only
-on (seed, epoch, index), so it is the same whatever the number of DataLoader workers.
+on (seed, epoch, index), so it is the same whatever the number of DataLoader workers or
+processes; the epoch comes with each key (`EpochBatchSampler`), so workers that live for the
+whole run draw each epoch's expressions.
 """
 
 from __future__ import annotations
@@ -27,29 +29,22 @@ class RefSegDataset(Dataset):
         self.split = split
         self.train = train
         self.seed = seed
-        self.epoch = 0
         n = split.n_objects if train else split.n_sentences
         self._len = n if max_items is None else min(n, max_items)
         self._blank = np.asarray(clip_tokenizer(split.word_len)([""])[0]) if blank_text else None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Draw other expressions next epoch.
-
-        Call it before each epoch's iterator is created: workers copy the dataset when they
-        start, so `persistent_workers=True` would keep the first epoch's draws.
-        """
-        self.epoch = epoch
-
     def __len__(self) -> int:
         return self._len
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        """`index` (epoch 0), or `(epoch, index)`: the key `EpochBatchSampler` yields."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         if not 0 <= index < self._len:
             raise IndexError(f"index {index} out of range for {self._len} items")
         if self.train:
             obj_idx = index
             sentences = self.split.sentences_of(obj_idx)
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = np.random.default_rng([self.seed, epoch, index])
             sent_idx = sentences[int(rng.integers(len(sentences)))]
         else:
             sent_idx = index

@@ -65,15 +65,17 @@ def letterbox_mask(mask: np.ndarray, meta: LetterboxMeta) -> np.ndarray:
 
 
 def unletterbox(prob: torch.Tensor | np.ndarray, meta: LetterboxMeta) -> torch.Tensor | np.ndarray:
-    """Map a (size, size) float map back to (height, width): crop the content, resize bilinearly.
+    """Map a (..., size, size) float map back to (..., height, width): crop the content, resize
+    bilinearly. Maps of one image go in one call (a batch of sizes alike); each is resized on its own.
 
     Returns the same kind (tensor or array) it was given.
     """
-    if tuple(prob.shape) != (meta.size, meta.size):
-        raise ValueError(f"expected a ({meta.size}, {meta.size}) map, got shape {tuple(prob.shape)}")
+    if tuple(prob.shape[-2:]) != (meta.size, meta.size):
+        raise ValueError(f"expected a (..., {meta.size}, {meta.size}) map, got shape {tuple(prob.shape)}")
     x = torch.as_tensor(prob, dtype=torch.float32)
-    content = x[meta.pad_y : meta.pad_y + meta.content_h, meta.pad_x : meta.pad_x + meta.content_w]
+    content = x[..., meta.pad_y : meta.pad_y + meta.content_h, meta.pad_x : meta.pad_x + meta.content_w]
     out = F.interpolate(
-        content[None, None], size=(meta.height, meta.width), mode="bilinear", align_corners=False, antialias=True
-    )[0, 0]
+        content.reshape(-1, 1, meta.content_h, meta.content_w), size=(meta.height, meta.width), mode="bilinear",
+        align_corners=False, antialias=True,
+    ).reshape(*x.shape[:-2], meta.height, meta.width)
     return out if isinstance(prob, torch.Tensor) else out.numpy()

@@ -1,0 +1,89 @@
+"""Data-parallel training on the CPU: 2 gloo processes under torchrun, killed and resumed.
+
+What `torchrun --nproc-per-node N -m cmmasksd.cli train` does on N GPUs, with gloo on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from cmmasksd.train import CHECKPOINT_DIR
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(prepared_root: Path, tmp_path: Path, name: str) -> Path:
+    config = {
+        "data": {"prepared_dir": str(prepared_root), "max_train_objects": 64, "max_eval_expressions": 16},
+        "model": "cris-tiny-rn",
+        "masksd": {"branches": "both", "strategy": "corr_sample", "mask_cell": 8},
+        "optim": {"optimizer": "adamw", "lr": 2e-3, "backbone_lr": 2e-3, "epochs": 4, "milestones": [3],
+                  "batch_size": 8},
+        "threads": 1, "out_dir": str(tmp_path / name), "num_overlays": 1,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def torchrun(config: Path, nproc: int = 2, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         "-m", "cmmasksd.cli", "train", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output[-5000:]
+    return output
+
+
+def last_state(run: Path) -> dict:
+    return torch.load(run / CHECKPOINT_DIR / "last.pt", weights_only=True)
+
+
+def test_two_gloo_processes_train_resume_after_a_kill_and_repeat_exactly(prepared_root, tmp_path):
+    straight = tmp_path / "straight"
+    output = finish(torchrun(write_config(prepared_root, tmp_path, "straight")))
+    results = json.loads(output[output.index("{\n"):output.rindex("}") + 1])  # rank 0 alone prints
+    assert output.count('"best_epoch"') == 1
+    state = last_state(straight)
+    assert state["epoch"] == 4 and len(state["rng_ranks"]) == 2  # every rank's random stream, for resume
+    assert not torch.equal(state["rng_ranks"][0][0], state["rng_ranks"][1][0])  # ranks draw different masks
+    assert {"learning_curves.png", "overlays_val.png"} <= {p.name for p in straight.iterdir()}
+    table = (straight / "per_expression_val.csv").read_text().splitlines()
+    assert len(table) == 1 + 16  # both ranks' shards of the evaluation, gathered
+
+    killed = tmp_path / "killed"
+    proc = torchrun(write_config(prepared_root, tmp_path, "killed"))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / CHECKPOINT_DIR / "last.pt").exists():
+            launcher = psutil.Process(proc.pid)
+            for process in [launcher, *launcher.children(recursive=True)]:  # workers run in sessions of their own
+                process.kill()
+            break
+        time.sleep(0.05)
+    proc.communicate(timeout=60)
+    interrupted_at = last_state(killed)["epoch"]
+    assert 1 <= interrupted_at < 4 and not (killed / "results.json").exists(), "the kill came too late"
+    output = finish(torchrun(write_config(prepared_root, tmp_path, "killed")))
+    assert f"resumed {killed} at epoch {interrupted_at}" in output
+
+    again = json.loads(output[output.index("{\n"):output.rindex("}") + 1])
+    assert again["final"] == results["final"] and again["best_epoch"] == results["best_epoch"]
+    a, b = last_state(straight)["model"], last_state(killed)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
