@@ -3,7 +3,6 @@ reported once, naming the file, instead of failing each trial (and its retries) 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any

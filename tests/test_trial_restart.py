@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import pipeline.sweep as sweep_stage
-from pipeline.tracking import ROLE, TRIAL_ID, dataset_input, ensure_experiment
+from pipeline.tracking import ROLE, TRIAL_ID, ensure_experiment
 
 
 class FakeTune:
