@@ -121,10 +121,12 @@ class AshaParams(_Section):
 
 
 class ResourcesParams(_Section):
-    """`sweep.resources`: what one trial reserves; fractional GPUs share one."""
+    """`sweep.resources`: what one trial reserves; fractional GPUs share one. With `workers` > 1
+    each trial is a Ray Train run of that many data-parallel workers, each holding `cpu` and `gpu`."""
 
     cpu: float = Field(default=1, gt=0)
     gpu: float = Field(default=0, ge=0)
+    workers: int = Field(default=1, ge=1)
 
 
 class SweepParams(_Section):

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,11 @@ from cmmasksd.io.digest import file_sha256
 from pipeline.common import REPO_ROOT, load_params, repo_path, run_main, section, setup_logging
 from pipeline.identity import code_digest, data_digest, git_state, sweep_fingerprint
 from pipeline.preflight import check_model, check_prepared, keep_local_ray_on_loopback
+from pipeline.trial import FINISHED, METRIC, run_trial, trial_config
 from pipeline.tracking import (
     CODE_DIGEST,
     GIT_COMMIT,
     GIT_DIRTY,
-    TrialRun,
     check_tracking_server,
     dataset_input,
     ensure_experiment,
@@ -51,8 +51,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 log = logging.getLogger(__name__)
 BASELINE = {"masksd.branches": "none"}
 OUT_DIR = Path("sweep")
-METRIC = "val/miou"
 
+
+DRIVER_MEMORY = 512 * 2**20  # bytes a multi-worker trial's driver reserves (Python, Ray Train, MLflow client)
 
 SHORT_KEYS = {"masksd.mask_ratio_v": "r_v", "masksd.mask_ratio_t": "r_t", "masksd.lambda_v": "l_v",
               "masksd.lambda_t": "l_t"}
@@ -133,86 +134,6 @@ def resolved_base(base: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def trial_config(base: dict[str, Any], overrides: dict[str, Any], prepared_dir: Path, out_dir: Path,
-                 threads: int) -> dict[str, Any]:
-    """The raw config of one trial: the base, where it runs (`threads` = what it reserved), its overrides."""
-    from cmmasksd.config import apply_overrides
-
-    placed = {"data.prepared_dir": str(prepared_dir), "out_dir": str(out_dir), "threads": threads}
-    return apply_overrides(base, {**placed, **overrides})
-
-
-def run_trial(spec: dict[str, Any]) -> None:
-    """Ray Tune trainable: one training run, resumed from Tune's checkpoint after a failure."""
-    from ray import tune
-
-    from cmmasksd.config import build_config
-    from cmmasksd.train import CHECKPOINT_DIR, LAST, train
-
-    context = tune.get_context()
-    trial_id = context.get_trial_id()
-    # Tune runs each trial in its own working folder, which it does not copy to storage: the run's
-    # files stay on its node, and only Tune's checkpoints (and MLflow) carry them off it.
-    out_dir = Path.cwd() / "run"
-    ckpt_dir = out_dir / CHECKPOINT_DIR
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # Tune's checkpoint, not local leftovers, is the truth
-    ckpt_dir.mkdir(parents=True)
-    resumed_epoch = 0
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as restored:
-            for file in Path(restored).iterdir():
-                shutil.copy2(file, ckpt_dir / file.name)
-        resumed_epoch = int(json.loads((ckpt_dir / "epoch.json").read_text())["epoch"])
-
-    config = build_config(trial_config(spec["base"], spec["trial"]["overrides"], Path(spec["prepared_dir"]),
-                                       out_dir, spec["threads"]))
-    overrides = {k: v for k, v in spec["trial"]["overrides"].items() if k != "seed"}
-    run = TrialRun(spec["tracking_uri"], spec["experiment_id"], spec["parent_run_id"], trial_id,
-                   spec["trial"]["name"], overrides, spec["identity"], dataset_input(**spec["dataset"]))
-    if run.finished:  # done before an interruption: report what it logged, train nothing
-        (ckpt_dir / LAST).unlink(missing_ok=True)
-        logged = run.client.get_run(run.run_id).data.metrics
-        final = {k: v for k, v in logged.items() if k.startswith(("final/", "cost/"))}
-        tune.report({**final, METRIC: logged[f"final/{METRIC}"], "epoch": config.optim.epochs,
-                     "mlflow_run_id": run.run_id, "done": True},
-                    checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
-        shutil.rmtree(out_dir)
-        return
-    run.log_config(config.model_dump(mode="json"))
-    if checkpoint is not None:
-        run.client.set_tag(run.run_id, "cmmasksd.resumed_from_epoch", str(resumed_epoch))
-
-    def on_epoch(report) -> None:
-        run.log_epoch(report.metrics, report.epoch)
-        (report.checkpoint_dir / "epoch.json").write_text(json.dumps({"epoch": report.epoch}))
-        tune.report({**report.metrics, "epoch": report.epoch},
-                    checkpoint=tune.Checkpoint.from_directory(str(report.checkpoint_dir)))
-
-    try:
-        result = train(config, on_epoch=on_epoch)
-    except BaseException:
-        run.finish(ok=False)
-        raise
-    final = result.flat_metrics()
-    run.log_final(
-        final,
-        artifacts={
-            "per_expression": list(result.per_expression.values()),
-            "figures": result.figures,
-            "": [result.out_dir / "results.json"],
-        },
-    )
-    run.finish(ok=True)
-    # The last checkpoint Tune keeps (`num_to_keep=1`) is the best weights alone: a finished trial
-    # needs no resume state, and the driver tags the MLflow run with where they were stored.
-    (ckpt_dir / LAST).unlink()
-    tune.report({**final, METRIC: result.best_val_miou, "epoch": config.optim.epochs,
-                 "mlflow_run_id": run.run_id, "done": True},
-                checkpoint=tune.Checkpoint.from_directory(str(ckpt_dir)))
-    shutil.rmtree(out_dir)  # everything in it is in MLflow or in Tune's storage now
-
-
 def init_ray(address: str | None) -> None:
     """A local Ray (default) or an existing cluster; trials import `pipeline` from this repo."""
     import ray
@@ -227,14 +148,34 @@ def init_ray(address: str | None) -> None:
 
 
 def trainable(sweep: dict[str, Any]):
-    """`run_trial` reserving `sweep.resources` per trial (fractional GPUs allowed)."""
+    """`run_trial` reserving `sweep.resources` per trial (fractional GPUs allowed). A multi-worker
+    trial's driver reserves no CPU, only the memory it uses: its Ray Train workers hold the rest."""
     from ray import tune
 
-    return tune.with_resources(run_trial, {"cpu": sweep["resources"]["cpu"], "gpu": sweep["resources"]["gpu"]})
+    resources = sweep["resources"]
+    if resources["workers"] > 1:
+        return tune.with_resources(run_trial, {"cpu": 0, "gpu": 0, "memory": DRIVER_MEMORY})
+    return tune.with_resources(run_trial, {"cpu": resources["cpu"], "gpu": resources["gpu"]})
+
+
+def concurrent_trials(sweep: dict[str, Any], cluster: dict[str, float]) -> int:
+    """`sweep.max_concurrent`, capped by how many trials the cluster holds at once: Tune does not
+    see what a trial's Ray Train workers will ask for, and trials started beyond that would wait on
+    each other's workers."""
+    resources = sweep["resources"]
+    fits = [math.floor(cluster.get("CPU", 0) / (resources["workers"] * resources["cpu"]) + 1e-9)]
+    if resources["gpu"] > 0:
+        fits.append(math.floor(cluster.get("GPU", 0) / (resources["workers"] * resources["gpu"]) + 1e-9))
+    if min(fits) < 1:
+        raise ValueError(
+            f"params.yaml: sweep.resources: a trial needs {resources['workers']} worker(s) x "
+            f"{resources['cpu']} CPU, {resources['gpu']} GPU; the Ray cluster has {cluster.get('CPU', 0):g} CPU, "
+            f"{cluster.get('GPU', 0):g} GPU")
+    return min(sweep["max_concurrent"], *fits)
 
 
 def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], sweep: dict[str, Any], epochs: int,
-                exp_name: str, storage: Path):
+                exp_name: str, storage: Path, max_concurrent: int | None = None):
     """A new sweep's Tuner; ASHA stops trials by epoch, up to the `epochs` of the resolved base config."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -248,7 +189,7 @@ def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], sweep: 
         trainable(sweep),
         param_space={**spec_base, "trial": tune.grid_search(trials)},
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
-                                    max_concurrent_trials=sweep["max_concurrent"]),
+                                    max_concurrent_trials=max_concurrent or sweep["max_concurrent"]),
         run_config=tune.RunConfig(
             name=exp_name,
             storage_path=str(storage),
@@ -307,13 +248,19 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
         "base": base, "prepared_dir": str(prepared_dir), "tracking_uri": tracking_uri,
         "experiment_id": experiment_id, "parent_run_id": parent_run_id, "identity": identity,
         "dataset": dataset_info, "threads": max(1, int(sweep["resources"]["cpu"])),
+        "workers": sweep["resources"]["workers"], "worker_resources": sweep["resources"],
+        "train_storage": str(exp_path / "train"), "max_failures": sweep["max_failures"],
     }
     init_ray(section(params, "ray", "address"))
+    import ray
+
+    max_concurrent = concurrent_trials(sweep, ray.cluster_resources())
+    log.info("at most %d trial(s) at once, each %d worker(s)", max_concurrent, sweep["resources"]["workers"])
     if tune.Tuner.can_restore(str(exp_path)):
         tuner = tune.Tuner.restore(str(exp_path), trainable=trainable(sweep), resume_unfinished=True,
                                    resume_errored=True)
     else:
-        tuner = build_tuner(spec_base, trials, sweep, resolved["optim"]["epochs"], exp_name, storage)
+        tuner = build_tuner(spec_base, trials, sweep, resolved["optim"]["epochs"], exp_name, storage, max_concurrent)
     results = tuner.fit()
 
     table = trials_table(results)
@@ -339,23 +286,29 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
 
 def trials_table(results) -> pd.DataFrame:
     """One row per trial: its variant, seed, status, MLflow run, best weights and final metrics."""
-    from cmmasksd.train import BEST
-
     rows = []
     for result in results:
         trial = result.config["trial"]
         metrics = result.metrics or {}
-        done = bool(metrics.get("done")) and result.error is None
+        done = bool(metrics.get(FINISHED)) and result.error is None
         rows.append({
             "variant": trial["name"], "variant_key": trial["key"], "seed": trial["overrides"]["seed"],
             "status": "FINISHED" if done else "FAILED",
             "mlflow_run_id": metrics.get("mlflow_run_id", ""),
-            "checkpoint": str(Path(result.checkpoint.path) / BEST) if done and result.checkpoint else "",
+            "checkpoint": _best_weights(result, metrics) if done else "",
             **{k: metrics.get(k) for k in sorted(metrics) if k.startswith(("final/", "cost/"))},
             "overrides": trial["overrides"],
             "error": "" if result.error is None else str(result.error).splitlines()[0][:200],
         })
     return pd.DataFrame(rows).sort_values(["variant", "seed"]).reset_index(drop=True)
+
+
+def _best_weights(result, metrics: dict[str, Any]) -> str:
+    """Where a finished trial's best.pt was stored: Tune's checkpoint, or (multi-worker) Ray Train's."""
+    from cmmasksd.train import BEST
+
+    folder = result.checkpoint.path if result.checkpoint else metrics.get("checkpoint_path")
+    return str(Path(folder) / BEST) if folder else ""
 
 
 def _data_profile(prepared_dir: Path) -> dict[str, Any]:

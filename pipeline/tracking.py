@@ -165,6 +165,13 @@ class TrialRun:
             self.client.log_inputs(self.run_id, datasets=[dataset])
             self.resumed = False
 
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> "TrialRun":
+        """The run another process opened (a Ray Train worker logging its driver's trial)."""
+        run = cls.__new__(cls)
+        run.client, run.run_id, run.finished, run.resumed = MlflowClient(tracking_uri), run_id, False, True
+        return run
+
     def log_config(self, config: dict[str, Any]) -> None:
         if not self.resumed:  # params are immutable in MLflow; a resumed run logged them already
             self.client.log_batch(self.run_id, params=_params(flatten(config)))

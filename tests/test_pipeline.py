@@ -46,7 +46,7 @@ def make_repo(tmp_path: Path, prepared_root: Path | None, train: dict | None = N
     `train` is merged into the tiny `train.overrides`; `changes` are other dotted params.
     """
     repo = tmp_path / "repo"
-    repo.mkdir()
+    repo.mkdir(parents=True)
     for package in ("pipeline", "cmmasksd"):
         shutil.copytree(PROJECT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-import pipeline.sweep as sweep_stage
+import pipeline.trial as sweep_stage
 from pipeline.tracking import ROLE, TRIAL_ID, ensure_experiment
 
 
@@ -73,14 +73,14 @@ def test_a_trial_whose_mlflow_run_finished_reports_it_and_trains_nothing(prepare
     spec = {
         "base": {"model": "cris-tiny-rn", "optim": {"epochs": 2}}, "prepared_dir": str(prepared_root),
         "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
-        "identity": {}, "threads": 1, "trial": {"name": "both", "overrides": {"masksd.branches": "both", "seed": 0}},
+        "identity": {}, "threads": 1, "workers": 1, "trial": {"name": "both", "overrides": {"masksd.branches": "both", "seed": 0}},
         "dataset": {"name": "refshapes", "digest": "0" * 64, "path": str(prepared_root), "profile": {}},
     }
     sweep_stage.run_trial(spec)
 
     assert len(fake.reports) == 1
     metrics, files = fake.reports[0]
-    assert metrics["done"] is True and metrics["mlflow_run_id"] == finished
+    assert metrics[sweep_stage.FINISHED] is True and metrics["mlflow_run_id"] == finished
     assert metrics[sweep_stage.METRIC] == pytest.approx(0.42) and metrics["epoch"] == 2
     assert metrics["final/testA/miou"] == pytest.approx(0.40) and "cost/step_time_s" in metrics
     assert files == ["best.pt", "epoch.json"]  # the finished trial keeps its best weights, not its resume state
@@ -114,7 +114,7 @@ def test_the_same_trial_with_an_unfinished_run_trains(prepared_root, tmp_path, m
     spec = {
         "base": {"model": "cris-tiny-rn", "optim": {"epochs": 2}}, "prepared_dir": str(prepared_root),
         "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
-        "identity": {}, "threads": 1, "trial": {"name": "cris", "overrides": {"masksd.branches": "none", "seed": 0}},
+        "identity": {}, "threads": 1, "workers": 1, "trial": {"name": "cris", "overrides": {"masksd.branches": "none", "seed": 0}},
         "dataset": {"name": "refshapes", "digest": "0" * 64, "path": str(prepared_root), "profile": {}},
     }
     with pytest.raises(Trained):
