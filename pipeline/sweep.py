@@ -30,6 +30,7 @@ from cmmasksd.io.digest import file_sha256
 from pipeline.common import REPO_ROOT, load_params, repo_path, run_main, section, setup_logging
 from pipeline.identity import code_digest, data_digest, git_state, sweep_fingerprint
 from pipeline.preflight import check_model, check_prepared, keep_local_ray_on_loopback
+from pipeline.storage import RayStorage, check_shared
 from pipeline.trial import FINISHED, METRIC, run_trial, trial_config
 from pipeline.tracking import (
     CODE_DIGEST,
@@ -175,7 +176,7 @@ def concurrent_trials(sweep: dict[str, Any], cluster: dict[str, float]) -> int:
 
 
 def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], sweep: dict[str, Any], epochs: int,
-                exp_name: str, storage: Path, max_concurrent: int | None = None):
+                exp_name: str, storage: RayStorage, max_concurrent: int | None = None):
     """A new sweep's Tuner; ASHA stops trials by epoch, up to the `epochs` of the resolved base config."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -192,7 +193,7 @@ def build_tuner(spec_base: dict[str, Any], trials: list[dict[str, Any]], sweep: 
                                     max_concurrent_trials=max_concurrent or sweep["max_concurrent"]),
         run_config=tune.RunConfig(
             name=exp_name,
-            storage_path=str(storage),
+            storage_path=storage.uri,
             failure_config=tune.FailureConfig(max_failures=sweep["max_failures"]),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=1,
@@ -212,7 +213,7 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     dataset = sweep["dataset"]
     prepared_dir = repo_path(Path("data/prepared") / dataset)
     check_prepared(prepared_dir, dataset, section(params, "preprocess", dataset))
-    storage = repo_path(section(params, "ray", "storage"))
+    storage = RayStorage.from_param(section(params, "ray", "storage"), REPO_ROOT)
     base = base_config(params)
     check_model(trial_config(base, {}, prepared_dir, Path("."), 1))
     resolved = resolved_base(base)
@@ -220,7 +221,7 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     code, data = code_digest(), data_digest(prepared_dir)
     fingerprint = sweep_fingerprint(resolved, sweep, data, code)
     exp_name = f"{sweep['name']}-{fingerprint}"
-    exp_path = storage / exp_name
+    exp_path = storage.join(exp_name)
     experiment_id = ensure_experiment(tracking_uri, section(params, "mlflow", "experiment"))
     client = MlflowClient(tracking_uri)
     git = git_state()
@@ -229,41 +230,42 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
                     "profile": _data_profile(prepared_dir)}
     backbone = base["model"] if isinstance(base.get("model"), str) else resolved["model"]["clip"]
 
-    parent_file = exp_path / "cmmasksd_sweep.json"
-    if parent_file.exists():
-        parent_run_id = json.loads(parent_file.read_text())["parent_run_id"]
+    parent_file = f"{exp_name}/cmmasksd_sweep.json"
+    saved = storage.read_text(parent_file)
+    if saved is not None:
+        parent_run_id = json.loads(saved)["parent_run_id"]
         log.info("resuming sweep %s (MLflow parent run %s)", exp_path, parent_run_id)
     else:
         log.info("new sweep %s (code %s, data %s)", exp_path, code[:12], data[:12])
         tags = {**identity, "dataset": dataset, "backbone": str(backbone), "data_hash": data,
-                "ray_experiment": str(exp_path), "n_trials": str(len(trials))}
+                "ray_experiment": exp_path, "n_trials": str(len(trials))}
         run_name = f"{sweep['name']} · {dataset} · {backbone} · {len(trials)} trials · {fingerprint[:6]}"
         parent_run_id = start_sweep_run(client, experiment_id, run_name,
                                         {"sweep": sweep, "train": params["train"], "base": base}, tags,
                                         dataset_input(**dataset_info))
-        exp_path.mkdir(parents=True, exist_ok=True)
-        parent_file.write_text(json.dumps({"parent_run_id": parent_run_id}))
+        storage.write_text(parent_file, json.dumps({"parent_run_id": parent_run_id}))
 
     spec_base = {
         "base": base, "prepared_dir": str(prepared_dir), "tracking_uri": tracking_uri,
         "experiment_id": experiment_id, "parent_run_id": parent_run_id, "identity": identity,
         "dataset": dataset_info, "threads": max(1, int(sweep["resources"]["cpu"])),
         "workers": sweep["resources"]["workers"], "worker_resources": sweep["resources"],
-        "train_storage": str(exp_path / "train"), "max_failures": sweep["max_failures"],
+        "train_storage": storage.join(exp_name, "train"), "max_failures": sweep["max_failures"],
     }
     init_ray(section(params, "ray", "address"))
     import ray
 
+    check_shared(storage, tracking_uri, ray.nodes())
     max_concurrent = concurrent_trials(sweep, ray.cluster_resources())
     log.info("at most %d trial(s) at once, each %d worker(s)", max_concurrent, sweep["resources"]["workers"])
-    if tune.Tuner.can_restore(str(exp_path)):
-        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable(sweep), resume_unfinished=True,
+    if tune.Tuner.can_restore(exp_path):
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable(sweep), resume_unfinished=True,
                                    resume_errored=True)
     else:
         tuner = build_tuner(spec_base, trials, sweep, resolved["optim"]["epochs"], exp_name, storage, max_concurrent)
     results = tuner.fit()
 
-    table = trials_table(results)
+    table = trials_table(results, storage.scheme)
     for row in table.itertuples():
         if row.status == "FINISHED":
             client.set_tag(row.mlflow_run_id, "checkpoint_path", row.checkpoint)
@@ -271,7 +273,7 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     table.to_csv(out_dir / "trials.csv", index=False)
     (out_dir / "sweep.json").write_text(json.dumps({
         "experiment": section(params, "mlflow", "experiment"), "experiment_id": experiment_id,
-        "parent_run_id": parent_run_id, "tracking_uri": redact(tracking_uri), "ray_experiment": str(exp_path),
+        "parent_run_id": parent_run_id, "tracking_uri": redact(tracking_uri), "ray_experiment": exp_path,
         "code_digest": code, "n_trials": len(table), "n_failed": int((table["status"] != "FINISHED").sum()),
     }, indent=2))
     best = table[table["status"] == "FINISHED"].sort_values(f"final/{METRIC}", ascending=False).head(1)
@@ -284,7 +286,7 @@ def run_sweep(params: dict[str, Any], out_dir: Path = OUT_DIR) -> pd.DataFrame:
     return table
 
 
-def trials_table(results) -> pd.DataFrame:
+def trials_table(results, scheme: str | None = None) -> pd.DataFrame:
     """One row per trial: its variant, seed, status, MLflow run, best weights and final metrics."""
     rows = []
     for result in results:
@@ -295,7 +297,7 @@ def trials_table(results) -> pd.DataFrame:
             "variant": trial["name"], "variant_key": trial["key"], "seed": trial["overrides"]["seed"],
             "status": "FINISHED" if done else "FAILED",
             "mlflow_run_id": metrics.get("mlflow_run_id", ""),
-            "checkpoint": _best_weights(result, metrics) if done else "",
+            "checkpoint": _best_weights(result, metrics, scheme) if done else "",
             **{k: metrics.get(k) for k in sorted(metrics) if k.startswith(("final/", "cost/"))},
             "overrides": trial["overrides"],
             "error": "" if result.error is None else str(result.error).splitlines()[0][:200],
@@ -303,12 +305,17 @@ def trials_table(results) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["variant", "seed"]).reset_index(drop=True)
 
 
-def _best_weights(result, metrics: dict[str, Any]) -> str:
-    """Where a finished trial's best.pt was stored: Tune's checkpoint, or (multi-worker) Ray Train's."""
+def _best_weights(result, metrics: dict[str, Any], scheme: str | None) -> str:
+    """Where a finished trial's best.pt was stored: Tune's checkpoint, or (multi-worker) Ray Train's;
+    a URI for remote storage (pyarrow gives the path inside the bucket)."""
     from cmmasksd.train import BEST
 
     folder = result.checkpoint.path if result.checkpoint else metrics.get("checkpoint_path")
-    return str(Path(folder) / BEST) if folder else ""
+    if not folder:
+        return ""
+    if scheme not in (None, "file") and "://" not in folder:
+        folder = f"{scheme}://{folder}"
+    return f"{folder.rstrip('/')}/{BEST}"
 
 
 def _data_profile(prepared_dir: Path) -> dict[str, Any]:

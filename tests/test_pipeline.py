@@ -211,7 +211,9 @@ def finished_trial_runs(db: Path) -> list[str]:
 
 
 def test_interrupted_sweep_resumes_without_retraining_finished_trials(prepared_root, tmp_path):
-    repo = make_repo(tmp_path, prepared_root, train={"optim": {"epochs": 3}}, **{"sweep.max_concurrent": 1})
+    storage = tmp_path / "shared" / "ray"  # as a URI, as for s3:// or gs:// storage: pyarrow's filesystem
+    repo = make_repo(tmp_path, prepared_root, train={"optim": {"epochs": 3}},
+                     **{"sweep.max_concurrent": 1, "ray.storage": f"file://{storage}"})
     tracking = f"sqlite:///{repo / 'mlflow.db'}"
     sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep"], cwd=repo, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -234,6 +236,7 @@ def test_interrupted_sweep_resumes_without_retraining_finished_trials(prepared_r
     again = client.get_run(first.info.run_id)
     assert again.info.end_time == first.info.end_time  # not trained again
     assert len(client.get_metric_history(first.info.run_id, "val/miou")) == 3
+    assert all(Path(c).is_relative_to(storage) and Path(c).is_file() for c in trials["checkpoint"])
 
 
 @pytest.fixture
