@@ -2,43 +2,43 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from test_pipeline import child_runs, make_repo, run_stage
 
+from cmmasksd.metrics import METRIC_NAMES
 from cmmasksd.predict import load_checkpoint
 
 pytestmark = pytest.mark.slow
+COST = ["cost/bf16", "cost/params_baseline", "cost/params_extra", "cost/params_total", "cost/peak_mem_mb",
+        "cost/step_time_s"]
 
 
 def test_a_sweep_with_two_workers_per_trial_tracks_and_reports_like_one_worker(prepared_root, tmp_path):
-    repo = make_repo(tmp_path / "two", prepared_root, **{"sweep.resources": {"cpu": 1, "gpu": 0, "workers": 2}})
+    repo = make_repo(tmp_path, prepared_root, **{"sweep.variants": [],
+                                                  "sweep.resources": {"cpu": 1, "gpu": 0, "workers": 2}})
     result = run_stage(repo, "pipeline.sweep")
-    assert "at most 1 trial(s) at once, each 2 worker(s)" in result.stdout + result.stderr  # 2 cores: one trial
+    assert "at most 1 trial(s) at once, each 2 worker(s)" in result.stderr  # 2 cores hold one such trial
 
     trials = pd.read_csv(repo / "sweep" / "trials.csv")
-    assert sorted(trials["variant"]) == ["both", "cris"] and (trials["status"] == "FINISHED").all()
+    assert trials["variant"].tolist() == ["cris"] and (trials["status"] == "FINISHED").all()
+    finals = sorted(f"final/{split}/{m}" for split in ("testA", "testB", "val") for m in METRIC_NAMES)
+    # the columns a one-worker sweep writes (`test_pipeline`): the report reads them alike
+    assert list(trials.columns) == ["variant", "variant_key", "seed", "status", "mlflow_run_id", "checkpoint",
+                                    *COST, *finals, "overrides", "error"]
     client, runs = child_runs(repo / "sweep" / "sweep.json")
-    assert len(runs) == 2  # one MLflow child run per trial, logged by rank 0 alone
-    for run in runs:
-        assert run.info.status == "FINISHED"
-        assert run.data.params["masksd.branches"] in {"none", "both"}
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")] == [1, 2]
-        assert {"per_expression", "figures", "results.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-        checkpoint = Path(run.data.tags["checkpoint_path"])  # in Ray storage, written through Ray Train
-        assert checkpoint.name == "best.pt" and checkpoint.is_relative_to(repo / "ray_results")
-        assert load_checkpoint(checkpoint).config.masksd.branches == run.data.params["masksd.branches"]
+    assert len(runs) == 1  # one MLflow child run per trial, logged by rank 0 alone
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.params["masksd.branches"] == "none"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")] == [1, 2]
+    assert set(finals) | set(COST) | {"best_epoch"} <= set(run.data.metrics)
+    assert {"per_expression", "figures", "results.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    checkpoint = Path(run.data.tags["checkpoint_path"])  # in Ray storage, written through Ray Train
+    assert checkpoint.name == "best.pt" and checkpoint.is_relative_to(repo / "ray_results")
+    assert "/train/" in str(checkpoint) and load_checkpoint(checkpoint).config.masksd.branches == "none"
     run_stage(repo, "pipeline.report", "--sweep-file", "sweep/sweep.json", "--out", "reports")
-
-    one = make_repo(tmp_path / "one", prepared_root)
-    run_stage(one, "pipeline.sweep")
-    run_stage(one, "pipeline.report", "--sweep-file", "sweep/sweep.json", "--out", "reports")
-    one_trials = pd.read_csv(one / "sweep" / "trials.csv")
-    assert list(trials.columns) == list(one_trials.columns)
-    for name in ("ablation.csv",):
-        assert list(pd.read_csv(repo / "reports" / name).columns) == list(pd.read_csv(one / "reports" / name).columns)
-    assert set(json.loads((repo / "reports" / "metrics.json").read_text())) == \
-        set(json.loads((one / "reports" / "metrics.json").read_text()))
+    long = pd.read_csv(repo / "reports" / "ablation.csv")
+    val = long[(long.table == "variants") & (long.split == "val") & (long.metric == "miou")]
+    assert val["mean"].tolist() == pytest.approx([run.data.metrics["final/val/miou"]])
