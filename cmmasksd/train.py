@@ -43,7 +43,7 @@ BEST = "best.pt"
 # Fields that do not change what is computed; a resumed run may differ in them.
 _RESUME_KEYS = ("model", "optimizer", "scheduler", "rng_cpu", "epoch", "history", "best_val", "best_epoch",
                 "fingerprint")
-_RUNTIME_FIELDS = {"out_dir", "device", "threads", "num_overlays", "compile"}
+_RUNTIME_FIELDS = {"out_dir", "device", "threads", "num_overlays"}
 
 
 @dataclass

@@ -308,3 +308,22 @@ def test_bf16_run_interrupted_and_resumed_ends_with_the_same_weights(prepared_ro
     b = torch.load(tmp_path / "resumed" / CHECKPOINT_DIR / "last.pt", weights_only=True)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_compile_wraps_the_training_step_and_is_part_of_the_run(prepared_root, tmp_path, monkeypatch):
+    """`compile: true` hands the step to torch.compile (stubbed here: compiling takes minutes on the
+    CPU); a compiled run draws other dropout numbers, so it does not resume an eager one."""
+    from cmmasksd.distributed import TrainingStep
+
+    compiled = []
+
+    def record(module, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", record)
+    one_epoch = {"optim": {"epochs": 1, "milestones": [], "batch_size": 8}, "num_overlays": 0}
+    train(build_config(deep_merge(tiny_config(prepared_root, tmp_path / "run"), {**one_epoch, "compile": True})))
+    assert len(compiled) == 1 and isinstance(compiled[0], TrainingStep)
+    with pytest.raises(ValueError, match="different config"):
+        train(build_config(deep_merge(tiny_config(prepared_root, tmp_path / "run"), one_epoch)))
