@@ -296,20 +296,73 @@ def test_sweep_logs_to_a_real_mlflow_server(prepared_root, tmp_path, mlflow_serv
     assert not (repo / "mlflow.db").exists()  # nothing went to the default local store
 
 
-def test_sweep_runs_on_a_ray_cluster_started_with_ray_start(prepared_root, tmp_path):
-    port = free_port()
+BLOCK_HEAD = """
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
+blocker = ray.remote(num_cpus=1)(type("Blocker", (), {"ping": lambda self: True})).options(
+    name="blocker", lifetime="detached", scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+ray.get(blocker.ping.remote(), timeout=60)
+"""
+FREE_HEAD = 'ray.kill(ray.get_actor("blocker"))'
+
+
+def driver(code: str, port: int, env: dict) -> None:
+    """Run `code` as a Ray driver of the cluster at `port` (its own process: Ray reads the token when imported)."""
+    script = f"import ray\nray.init(address='127.0.0.1:{port}', namespace='cmmasksd-test', log_to_driver=False)\n{code}"
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, timeout=120,
+                   env={**os.environ, **env})
+
+
+def _raylet(node_manager_port: int) -> psutil.Process:
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].endswith("raylet") and f"--node_manager_port={node_manager_port}" in cmdline:
+            return proc
+    raise AssertionError(f"no raylet with node manager port {node_manager_port}")
+
+
+def test_sweep_on_a_ray_start_cluster_survives_losing_a_node(prepared_root, tmp_path):
+    """A `ray start` cluster of two nodes: the head (1 CPU, held at first) and a second node (1 CPU)
+    where the first trial lands. The second node's raylet and processes are killed mid-trial, as a
+    lost machine: the trial is retried from its last checkpoint on the head and continues its MLflow
+    run, and the table is complete."""
+    port, second_port = free_port(), free_port()
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     ray = str(BIN / "ray")
-    subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run([ray, "start", "--head", "--port", str(port), "--include-dashboard", "false", *common],
                    check=True, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
     try:
-        repo = make_repo(tmp_path, prepared_root, **{"ray.address": f"127.0.0.1:{port}"})
-        result = run_stage(repo, "pipeline.sweep", env=env)
-        # connected to the cluster (whose GCS advertises the node's IP, whatever --node-ip-address says)
-        assert re.search(rf"Ray cluster at [\d.]+:{port} \(given\)", result.stderr), result.stderr[-3000:]
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", "--node-manager-port", str(second_port),
+                        *common], check=True, capture_output=True, text=True, env={**os.environ, **env}, timeout=120)
+        driver(BLOCK_HEAD, port, env)  # the head's CPU is taken: the trials go to the second node
+
+        repo = make_repo(tmp_path, prepared_root, train={"optim": {"epochs": 4}},
+                         **{"ray.address": f"127.0.0.1:{port}", "sweep.max_failures": 2})
+        sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep"], cwd=repo, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
+        deadline, lost = time.time() + 300, False
+        while time.time() < deadline and sweep.poll() is None and not lost:
+            if list((repo / "ray_results").glob("*/*/checkpoint_000001")):
+                driver(FREE_HEAD, port, env)  # the head has room for the retry
+                raylet = _raylet(second_port)
+                for proc in [*raylet.children(recursive=True), raylet]:  # the machine is gone
+                    proc.kill()
+                lost = True
+            time.sleep(0.2)
+        output, _ = sweep.communicate(timeout=500)
+        assert lost, "the first trial never reached its second checkpoint"
+        assert sweep.returncode == 0, output[-4000:]
+        assert re.search(rf"Ray cluster at [\d.]+:{port} \(given\)", output)
+
         trials = pd.read_csv(repo / "sweep" / "trials.csv")
         assert len(trials) == 2 and (trials["status"] == "FINISHED").all()
+        client, runs = child_runs(repo / "sweep" / "sweep.json")
+        assert len(runs) == 2  # the retried trial continued its own MLflow run
+        retried = [r for r in runs if "cmmasksd.resumed_from_epoch" in r.data.tags]
+        assert len(retried) == 1 and int(retried[0].data.tags["cmmasksd.resumed_from_epoch"]) >= 1
+        steps = [m.step for m in client.get_metric_history(retried[0].info.run_id, "val/miou")]
+        assert sorted(set(steps)) == [1, 2, 3, 4]
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, env={**os.environ, **env}, timeout=120)
 
