@@ -15,6 +15,7 @@ import pipeline.sweep as sweep_stage
 from cmmasksd.io import SOURCES
 from pipeline.common import run_main, section
 from pipeline.params_schema import FetchParams, validate_params
+from pipeline.storage import RayStorage
 from pipeline.sweep import base_config, build_tuner, expand_grid, resolved_base
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -118,7 +119,8 @@ def test_asha_horizon_is_the_validated_default_when_the_profile_leaves_epochs_ou
     base = base_config(params)
     resolved = resolved_base(base)
     trials = expand_grid(params["sweep"], resolved["masksd"]["branches"])
-    tuner = build_tuner({"base": base}, trials, params["sweep"], resolved["optim"]["epochs"], "asha", tmp_path)
+    tuner = build_tuner({"base": base}, trials, params["sweep"], resolved["optim"]["epochs"], "asha",
+                        RayStorage(str(tmp_path)))
     assert tuner._local_tuner._tune_config.scheduler._max_t == 50  # TrainConfig's default; Ray has no accessor
     assert not ray.is_initialized()  # building the Tuner starts nothing
 
