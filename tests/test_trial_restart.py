@@ -18,6 +18,16 @@ import pipeline.trial as sweep_stage
 from pipeline.tracking import ROLE, TRIAL_ID, ensure_experiment
 
 
+def trial_spec(prepared_root: Path, uri: str, experiment_id: str, parent: str, branches: str) -> dict:
+    """What the sweep hands a one-worker trial (the fields `run_trial` reads)."""
+    return {
+        "base": {"model": "cris-tiny-rn", "optim": {"epochs": 2}}, "prepared_dir": str(prepared_root),
+        "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent, "identity": {}, "threads": 1,
+        "workers": 1, "trial": {"name": branches, "overrides": {"masksd.branches": branches, "seed": 0}},
+        "dataset": {"name": "refshapes", "digest": "0" * 64, "path": str(prepared_root), "profile": {}},
+    }
+
+
 class FakeTune:
     """What `run_trial` calls on `ray.tune`: a trial id, a checkpoint to restore, and `report`."""
 
@@ -70,13 +80,7 @@ def test_a_trial_whose_mlflow_run_finished_reports_it_and_trains_nothing(prepare
 
     monkeypatch.setattr("cmmasksd.train.train", no_training)
     monkeypatch.chdir(tmp_path)
-    spec = {
-        "base": {"model": "cris-tiny-rn", "optim": {"epochs": 2}}, "prepared_dir": str(prepared_root),
-        "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
-        "identity": {}, "threads": 1, "workers": 1, "trial": {"name": "both", "overrides": {"masksd.branches": "both", "seed": 0}},
-        "dataset": {"name": "refshapes", "digest": "0" * 64, "path": str(prepared_root), "profile": {}},
-    }
-    sweep_stage.run_trial(spec)
+    sweep_stage.run_trial(trial_spec(prepared_root, uri, experiment_id, parent, "both"))
 
     assert len(fake.reports) == 1
     metrics, files = fake.reports[0]
@@ -111,14 +115,8 @@ def test_the_same_trial_with_an_unfinished_run_trains(prepared_root, tmp_path, m
 
     monkeypatch.setattr("cmmasksd.train.train", training)
     monkeypatch.chdir(tmp_path)
-    spec = {
-        "base": {"model": "cris-tiny-rn", "optim": {"epochs": 2}}, "prepared_dir": str(prepared_root),
-        "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
-        "identity": {}, "threads": 1, "workers": 1, "trial": {"name": "cris", "overrides": {"masksd.branches": "none", "seed": 0}},
-        "dataset": {"name": "refshapes", "digest": "0" * 64, "path": str(prepared_root), "profile": {}},
-    }
     with pytest.raises(Trained):
-        sweep_stage.run_trial(spec)
+        sweep_stage.run_trial(trial_spec(prepared_root, uri, experiment_id, parent, "none"))
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_ID}` = 'trial_00001'")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert fake.reports == []
