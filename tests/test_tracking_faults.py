@@ -7,13 +7,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import psutil
 import pytest
 
 from mlflow_server import MlflowServer, free_port
-from test_pipeline import child_runs, make_repo, run_stage
+from test_pipeline import child_runs, make_repo, rest, run_stage
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +58,11 @@ def metric_steps(db, key: str) -> dict[str, list[int]]:
 
 
 def test_tracking_server_down_mid_sweep_loses_nothing(prepared_root, tmp_path):
-    """The server stops while the trials train epoch 2 of 2 and comes back 20 s later, on the same
-    port and store. MLflow's client retries each request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default
+    """A sweep logging to a real `mlflow server`, which stops while the trials train epoch 2 of 2 and
+    comes back 20 s later, on the same port and store. MLflow's client retries each request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, default
     7, about two minutes with backoff); longer outages fail the trial and Tune retries it from its
-    checkpoint into its own run. Either way: nothing lost, nothing trained or logged twice."""
+    checkpoint into its own run. Either way: nothing lost, nothing trained or logged twice, and the
+    server shows the sweep as the UI reads it."""
     server = MlflowServer(tmp_path / "server")
     (tmp_path / "server").mkdir()
     server.start()
@@ -101,6 +103,36 @@ def test_tracking_server_down_mid_sweep_loses_nothing(prepared_root, tmp_path):
         run_stage(repo, "pipeline.report", "--sweep-file", "sweep/sweep.json", "--out", "reports")
         metrics = json.loads((repo / "reports" / "metrics.json").read_text())
         assert (metrics["n_trials"], metrics["n_failed"]) == (2, 0)
+        assert_the_ui_reads_the_sweep(server.uri, repo, metrics, tmp_path)
         print(f"server down {outage_s:.0f} s")
     finally:
         server.stop()
+
+
+def assert_the_ui_reads_the_sweep(uri: str, repo: Path, report_metrics: dict, tmp_path: Path) -> None:
+    """What the UI reads through the REST API: the experiment opens on its runs, the parent nests its
+    trials, carries the sweep's summary and the dataset, and every run says which code made it."""
+    info = json.loads((repo / "sweep" / "sweep.json").read_text())
+    assert info["tracking_uri"] == uri
+    experiment = rest(uri, "experiments/get-by-name?experiment_name=cmmasksd")["experiment"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+    runs = rest(uri, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    parent = next(r for r in runs if r["info"]["run_id"] == info["parent_run_id"])
+    children = [r for r in runs if {"key": "mlflow.parentRunId", "value": info["parent_run_id"]} in r["data"]["tags"]]
+    assert len(children) == 2 and len(runs) == 3
+    assert parent["info"]["run_name"].startswith("default · refshapes · tiny-rn · 2 trials · ")
+    summary = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert summary["summary/baseline_val_miou"] == pytest.approx(report_metrics["baseline_val_miou"])
+    assert summary["summary/best_delta_miou"] == pytest.approx(report_metrics["best_delta_miou"])
+    for run in [parent, *children]:
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["cmmasksd.code_digest"] == info["code_digest"]
+        (dataset,) = run["inputs"]["dataset_inputs"]
+        assert dataset["dataset"]["name"] == "refshapes" and len(dataset["dataset"]["digest"]) >= 16
+    client, found = child_runs(repo / "sweep" / "sweep.json")
+    run = found[0]
+    assert "masksd.mask_ratio_v" in run.data.params
+    local = client.download_artifacts(run.info.run_id, "per_expression", str(tmp_path / "dl"))
+    csvs = sorted(p.name for p in Path(local).iterdir())
+    assert csvs == ["per_expression_testA.csv", "per_expression_testB.csv", "per_expression_val.csv"]
+    assert not (repo / "mlflow.db").exists()  # nothing went to the default local store
