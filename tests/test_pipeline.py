@@ -28,6 +28,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cmmasksd.config import deep_merge
+from cmmasksd.metrics import METRIC_NAMES
 from cmmasksd.predict import load_checkpoint
 from mlflow_server import free_port
 
@@ -39,6 +40,13 @@ BIN = Path(sys.executable).parent
 TINY_TRAIN = {"optim": {"epochs": 2, "milestones": [], "batch_size": 8},
               "data": {"max_train_objects": 16, "max_eval_expressions": 8}, "num_overlays": 1,
               "masksd": {"mask_cell": 8}}  # 64 px images here: an 8 x 8 mask grid, as 12 px at 96 px
+
+
+COST = ["cost/bf16", "cost/params_baseline", "cost/params_extra", "cost/params_total", "cost/peak_mem_mb",
+        "cost/step_time_s"]
+FINALS = sorted(f"final/{split}/{metric}" for split in ("testA", "testB", "val") for metric in METRIC_NAMES)
+TRIALS_COLUMNS = ["variant", "variant_key", "seed", "status", "mlflow_run_id", "checkpoint", *COST, *FINALS,
+                  "overrides", "error"]
 
 
 def make_repo(tmp_path: Path, prepared_root: Path | None, train: dict | None = None, **changes) -> Path:
@@ -100,6 +108,7 @@ def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root,
     trials = pd.read_csv(repo / "sweep" / "trials.csv")
     assert sorted(trials["variant"]) == ["both", "cris"]
     assert (trials["status"] == "FINISHED").all()
+    assert list(trials.columns) == TRIALS_COLUMNS  # what the report reads (a multi-worker sweep writes the same)
     client, runs = child_runs(repo / "sweep" / "sweep.json")
     assert len(runs) == 2
     info = json.loads((repo / "sweep" / "sweep.json").read_text())

@@ -6,14 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_pipeline import child_runs, make_repo, run_stage
+from test_pipeline import COST, FINALS, TRIALS_COLUMNS, child_runs, make_repo, run_stage
 
-from cmmasksd.metrics import METRIC_NAMES
 from cmmasksd.predict import load_checkpoint
 
 pytestmark = pytest.mark.slow
-COST = ["cost/bf16", "cost/params_baseline", "cost/params_extra", "cost/params_total", "cost/peak_mem_mb",
-        "cost/step_time_s"]
 
 
 def test_a_sweep_with_two_workers_per_trial_tracks_and_reports_like_one_worker(prepared_root, tmp_path):
@@ -24,16 +21,13 @@ def test_a_sweep_with_two_workers_per_trial_tracks_and_reports_like_one_worker(p
 
     trials = pd.read_csv(repo / "sweep" / "trials.csv")
     assert trials["variant"].tolist() == ["cris"] and (trials["status"] == "FINISHED").all()
-    finals = sorted(f"final/{split}/{m}" for split in ("testA", "testB", "val") for m in METRIC_NAMES)
-    # the columns a one-worker sweep writes (`test_pipeline`): the report reads them alike
-    assert list(trials.columns) == ["variant", "variant_key", "seed", "status", "mlflow_run_id", "checkpoint",
-                                    *COST, *finals, "overrides", "error"]
+    assert list(trials.columns) == TRIALS_COLUMNS  # as a one-worker sweep's (`test_pipeline`): the report reads them
     client, runs = child_runs(repo / "sweep" / "sweep.json")
     assert len(runs) == 1  # one MLflow child run per trial, logged by rank 0 alone
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.params["masksd.branches"] == "none"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")] == [1, 2]
-    assert set(finals) | set(COST) | {"best_epoch"} <= set(run.data.metrics)
+    assert set(FINALS) | set(COST) | {"best_epoch"} <= set(run.data.metrics)
     assert {"per_expression", "figures", "results.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     checkpoint = Path(run.data.tags["checkpoint_path"])  # in Ray storage, written through Ray Train
     assert checkpoint.name == "best.pt" and checkpoint.is_relative_to(repo / "ray_results")
