@@ -16,31 +16,28 @@ import hashlib
 import json
 import os
 import re
-import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import open_clip
 import pandas as pd
-from PIL import Image
 from pycocotools import mask as mask_utils
 from tabulate import tabulate
 from tqdm import tqdm
 
-from cmmasksd.data.letterbox import LetterboxMeta, letterbox_image, letterbox_mask
+from cmmasksd.data.decode import ImageTask, decoded
+from cmmasksd.data.letterbox import LetterboxMeta
 from cmmasksd.data.refer import Refer, ReferObject
 from cmmasksd.data.split import FORMAT_VERSION, PreparedSplit
 from cmmasksd.io.digest import file_sha256
 
 FLUSH_EVERY = 256  # images between progress checkpoints: what a crash can cost
-_IN_FLIGHT_PER_WORKER = 4  # decoded images waiting for the parent, per worker: bounds memory
 
 Tokenizer = Callable[[list[str]], Any]  # texts -> [n, word_len] integer tensor or array
 
@@ -86,16 +83,6 @@ class _Planned:
     obj: ReferObject
     rle: dict[str, Any]
     sentences: list[tuple[int, str]]
-
-
-class _ImageTask(NamedTuple):
-    """What a worker needs to decode one image and its objects' masks."""
-
-    path: str
-    height: int
-    width: int
-    size: int
-    rles: list[dict[str, Any]]
 
 
 @dataclass
@@ -252,7 +239,7 @@ def _write_arrays(
             image_row += 1
             object_row += len(plan[i])
             sentence_row += sum(len(p.sentences) for p in plan[i])
-    tasks = (_ImageTask(str(refer.image_path(objs[0].obj)), objs[0].obj.height, objs[0].obj.width, size,
+    tasks = (ImageTask(str(refer.image_path(objs[0].obj)), objs[0].obj.height, objs[0].obj.width, size,
                         [p.rle for p in objs]) for objs in plan[state.done:])
     writers = {name: _RowWriter(split_dir / f"{name}.npy", shape, dtype, create=state.done == 0)
                for name, (shape, dtype) in shapes.items()}
@@ -264,7 +251,7 @@ def _write_arrays(
         state.save(progress_path)
 
     try:
-        with closing(_decoded(tasks, workers)) as results:
+        with closing(decoded(tasks, workers)) as results:
             for i, result in enumerate(results, start=state.done):
                 if isinstance(result, str):
                     state.bad[i] = result
@@ -286,59 +273,6 @@ def _write_arrays(
         for writer in writers.values():
             writer.close()
         bar.close()
-
-
-def _decoded(tasks: Iterable[_ImageTask], workers: int) -> Iterator[tuple[np.ndarray, np.ndarray] | str]:
-    """`_decode` of each task, in order; with workers > 1 in a process pool, a few tasks ahead."""
-    if workers == 1:
-        yield from map(_decode, tasks)
-        return
-    with ProcessPoolExecutor(workers, initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-        pending: deque[Future] = deque()
-        for task in tasks:
-            pending.append(pool.submit(_decode, task))
-            if len(pending) >= _IN_FLIGHT_PER_WORKER * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """Pool worker initializer: exit once the parent is gone.
-
-    A parent that is killed cannot shut its pool down, and its idle workers would wait for work
-    forever, holding memory and the pipes of whoever started the parent.
-    """
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def _decode(task: _ImageTask) -> tuple[np.ndarray, np.ndarray] | str:
-    """The letterboxed image and its objects' packed letterboxed masks, or why the image is unusable."""
-    loaded = _letterboxed(Path(task.path), task.height, task.width, task.size)
-    if isinstance(loaded, str):
-        return loaded
-    pixels, meta = loaded
-    masks = [np.packbits(letterbox_mask(mask_utils.decode(rle).astype(bool), meta), axis=-1) for rle in task.rles]
-    return pixels, np.stack(masks)
-
-
-def _letterboxed(path: Path, height: int, width: int, size: int) -> tuple[np.ndarray, LetterboxMeta] | str:
-    """The letterboxed image, or why it cannot be used."""
-    try:
-        with Image.open(path) as img:
-            img.load()  # decodes everything, so a truncated JPEG fails here
-            if (img.height, img.width) != (height, width):
-                return f"bad image: {img.height}x{img.width}, instances.json says {height}x{width}"
-            return letterbox_image(img, size)
-    except FileNotFoundError:
-        return "missing image file"
-    except OSError as err:  # truncated or not an image
-        return f"bad image: {err}"
 
 
 class _RowWriter:
