@@ -89,14 +89,11 @@ def sum_tensors(values: dict[str, torch.Tensor], ctx: Dist) -> dict[str, torch.T
     if ctx.world == 1 or not values:
         return values
     keys = sorted(values)
-    flat = torch.cat([torch.as_tensor(values[k]).double().reshape(-1) for k in keys])
+    tensors = [torch.as_tensor(values[k]).double() for k in keys]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
-    out, start = {}, 0
-    for key in keys:
-        size = torch.as_tensor(values[key]).numel()
-        out[key] = flat[start : start + size].reshape(torch.as_tensor(values[key]).shape)
-        start += size
-    return out
+    parts = flat.split([t.numel() for t in tensors])
+    return {k: part.reshape(t.shape) for k, part, t in zip(keys, parts, tensors)}
 
 
 def gather_objects(value: Any, ctx: Dist) -> list[Any]:

@@ -77,10 +77,11 @@ def _count_batch(probs: torch.Tensor, object_idx: np.ndarray, split: PreparedSpl
     counts = torch.empty((len(object_idx), 2), dtype=torch.int64, device=probs.device)
     for image in dict.fromkeys(image_idx.tolist()):  # each image once, in order of first appearance
         rows = np.flatnonzero(image_idx == image)
-        pred = unletterbox(probs[torch.from_numpy(rows).to(probs.device)], split.meta(image)) > threshold
+        at = torch.from_numpy(rows).to(probs.device)
+        pred = unletterbox(probs[at], split.meta(image)) > threshold
         objects, which = np.unique(object_idx[rows], return_inverse=True)
         gt = torch.from_numpy(np.stack([split.gt_mask(int(o)) for o in objects])).to(probs.device)[which]
-        counts[torch.from_numpy(rows).to(probs.device)] = torch.stack(
+        counts[at] = torch.stack(
             [(pred & gt).sum(dim=(1, 2)), (pred | gt).sum(dim=(1, 2))], dim=1)
     return counts
 
