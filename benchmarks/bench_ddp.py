@@ -47,7 +47,7 @@ def main() -> None:
                       "masksd": {"branches": "both", "mask_cell": 12},
                       "optim": {"optimizer": "adamw", "lr": 2e-3, "backbone_lr": 2e-4, "epochs": args.epochs,
                                 "milestones": [], "batch_size": args.batch},
-                      "threads": 1, "device": args.device, "out_dir": str(tmp / f"run{procs}"), "num_overlays": 0}
+                      "threads": 1, "device": args.device, "run": {"out_dir": str(tmp / f"run{procs}"), "num_overlays": 0}}
             (tmp / f"run{procs}.yaml").write_text(yaml.safe_dump(config))
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
                             "-m", "cmmasksd.cli", "train", "--config", str(tmp / f"run{procs}.yaml")], check=True,

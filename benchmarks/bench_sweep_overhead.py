@@ -50,27 +50,29 @@ def main() -> None:
     from pipeline.sweep import base_config
     from pipeline.trial import trial_config
 
-    params = load_params(REPO / "params.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())  # edited as written, validated below
     overrides = {"optim": {"epochs": args.epochs, "milestones": []}}
     if args.max_train_objects:
         overrides["data"] = {"max_train_objects": args.max_train_objects}
     params["train"]["overrides"] = overrides
-    prepared = REPO / "data" / "prepared" / params["sweep"]["dataset"]
+    dataset = params["sweep"]["dataset"]
+    prepared = REPO / "data" / "prepared" / dataset
     if not (prepared / "train" / "manifest.json").exists():
-        raise SystemExit(f"error: {prepared}: not prepared; run `dvc repro preprocess@{params['sweep']['dataset']}`")
+        raise SystemExit(f"error: {prepared}: not prepared; run `dvc repro preprocess@{dataset}`")
 
     with tempfile.TemporaryDirectory(prefix="cmmasksd-overhead-") as tmp:
         tmp = Path(tmp)
-        config = trial_config(base_config(params), {"masksd.branches": "none", "seed": 0}, prepared, tmp / "bare", 1)
-        (tmp / "bare.yaml").write_text(yaml.safe_dump(config))
-        bare = timed([sys.executable, "-m", "cmmasksd.cli", "train", "--config", str(tmp / "bare.yaml")])
-        print(f"bare `cmmasksd train`: {bare:.1f} s", flush=True)
-
         params["sweep"].update(variants=[], seeds=[0], max_concurrent=1)
         params["sweep"]["asha"]["enabled"] = False
         params["ray"].update(storage=str(tmp / "ray"), address=None)
         params["mlflow"].update(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", experiment="overhead")
         (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+        base = base_config(load_params(tmp / "params.yaml").need("train"))
+        config = trial_config(base, {"masksd.branches": "none", "seed": 0}, prepared, tmp / "bare", 1)
+        (tmp / "bare.yaml").write_text(yaml.safe_dump(config))
+        bare = timed([sys.executable, "-m", "cmmasksd.cli", "train", "--config", str(tmp / "bare.yaml")])
+        print(f"bare `cmmasksd train`: {bare:.1f} s", flush=True)
+
         swept = timed([sys.executable, "-m", "pipeline.sweep", "--params", str(tmp / "params.yaml"),
                        "--out", str(tmp / "sweep")])
         run_id = json.loads((tmp / "sweep" / "sweep.json").read_text())["parent_run_id"]

@@ -17,13 +17,12 @@ import argparse
 import json
 from pathlib import Path
 
-import open_clip
 import pandas as pd
 import torch
 
 from cmmasksd.data import PreparedSplit, RefSegDataset
 from cmmasksd.data.refshapes import parse
-from cmmasksd.model import factory  # noqa: F401  registers the tiny CLIP configs with open_clip
+from cmmasksd.model.factory import create_clip
 from cmmasksd.model.backbone import ClipBackbone
 from cmmasksd.model.mask_stats import MaskStats
 from cmmasksd.model.masksd import cell_grid, correlation_cells
@@ -36,7 +35,7 @@ def kind_of(text: str) -> str:
 
 @torch.no_grad()
 def mask_hits(weights: str | None, prepared: Path, clip_name: str, cell: int, ratio: float) -> dict:
-    clip = open_clip.create_model(clip_name, pretrained=weights).eval()
+    clip = create_clip(clip_name, weights).eval()  # registers the tiny CLIP configs; loads a local file strictly
     backbone = ClipBackbone(clip)
     split = PreparedSplit(prepared)
     texts = pd.read_parquet(prepared / "sentences.parquet")["text"].tolist()

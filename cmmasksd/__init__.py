@@ -1,0 +1,1 @@
+"""cmmasksd: CRIS and CM-MaskSD for referring image segmentation; `train(config)` is the entry (`cmmasksd.train`)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from cmmasksd.config import TrainConfig, format_validation_error
+from cmmasksd.config import TrainConfig, one_line
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -28,13 +28,6 @@ def _parse_overrides(pairs: list[str]) -> dict:
             reason = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ValueError(f"--set {key}: {value!r} is not a plain YAML value ({reason})") from err
     return overrides
-
-
-def _one_line(err: Exception) -> str:
-    """The message a user sees, on one line: pydantic's report by key path, others' lines joined."""
-    if isinstance(err, ValidationError):
-        return f"invalid config: {format_validation_error(err, TrainConfig)}"
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def cmd_refshapes(args) -> None:
@@ -167,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        prefix = "invalid config: " if isinstance(err, ValidationError) else ""
+        print(f"error: {prefix}{one_line(err, TrainConfig)}", file=sys.stderr)
         raise SystemExit(2) from err
 
 

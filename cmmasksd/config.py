@@ -7,6 +7,7 @@ in a YAML file or a sweep override fails loudly instead of silently training the
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -30,13 +31,12 @@ class DataConfig(_Strict):
     blank_text: bool = False  # ablation: every expression replaced by the empty string
     max_train_objects: int | None = Field(default=None, ge=1)
     max_eval_expressions: int | None = Field(default=None, ge=1)
-    num_workers: int = Field(default=0, ge=0)
 
 
 class ModelConfig(_Strict):
     """The segmentation model (CRIS): a CLIP backbone plus neck, decoder and head.
 
-    Named configs live in `cmmasksd/model_configs/*.json` (see `cmmasksd.model.factory`).
+    Named configs live in `cmmasksd/model_configs/*.json` (`get_model_config`).
     """
 
     clip: str = "RN50"  # any open_clip model name, including the tiny ones registered here
@@ -117,20 +117,34 @@ class OptimConfig(_Strict):
         return v
 
 
+class RunConfig(_Strict):
+    """Where and how a run executes: nothing here changes its weights (measured, `cmmasksd.identity`).
+
+    A checkpoint resumes a run that differs only here, and no fingerprint reads this section.
+    """
+
+    out_dir: Path = Path("runs/default")
+    num_workers: int = Field(default=0, ge=0)  # data loader processes
+    num_overlays: int = Field(default=4, ge=0)  # prediction overlays saved after training
+
+
 class TrainConfig(_Strict):
+    """What a run computes (every section but `run`) and where it executes (`run`)."""
+
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     masksd: MaskSDConfig = Field(default_factory=MaskSDConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     seed: int = 0
     device: str = "auto"  # auto: cuda if available, else cpu
-    threads: int | None = Field(default=None, ge=1)  # torch CPU threads
-    out_dir: Path = Path("runs/default")
+    # torch CPU threads; None: torch's default on the machine. Part of the result: 1 and 2 threads
+    # give different weights on the same CPU (reductions split differently).
+    threads: int | None = Field(default=None, ge=1)
     eval_threshold: float = Field(default=0.35, gt=0.0, lt=1.0)  # CRIS's threshold
-    num_overlays: int = Field(default=4, ge=0)  # prediction overlays saved after training
     # torch.compile the training step. Opt-in: on the CPU it recompiles as the masks change (tiny config,
     # 2 epochs: 691 s against 5.7 s eager), and compiled dropout draws other numbers (part of the run's identity).
     compile: bool = False
+    run: RunConfig = Field(default_factory=RunConfig)
 
 
 class PretrainConfig(_Strict):
@@ -208,19 +222,31 @@ def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+def list_models() -> list[str]:
+    """Names of the shipped model configs (e.g. `cris-rn101`, `cris-tiny-rn`)."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def get_model_config(name: str) -> ModelConfig:
+    """A named model config (`cmmasksd/model_configs/<name>.json`): the one place names resolve."""
+    path = MODEL_CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown model config {name!r}; available: {', '.join(list_models())}")
+    return ModelConfig.model_validate(json.loads(path.read_text()))
+
+
 def build_config(raw: dict[str, Any]) -> TrainConfig:
-    """Validate a plain dict; a string `model` is looked up among the registered model configs."""
+    """Validate a plain dict; a string `model` (or `model.name`) is a named model config."""
     raw = dict(raw)
     model = raw.get("model")
     if isinstance(model, dict) and "name" in model:
-        from cmmasksd.model.factory import get_model_config
-
         named = get_model_config(model["name"]).model_dump()
         named.update({k: v for k, v in model.items() if k != "name"})
         raw["model"] = named
     elif isinstance(model, str):
-        from cmmasksd.model.factory import get_model_config
-
         raw["model"] = get_model_config(model).model_dump()
     return TrainConfig.model_validate(raw)
 
@@ -234,6 +260,15 @@ def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             nested = {part: nested}
         tree = deep_merge(tree, nested)
     return tree
+
+
+def one_line(err: BaseException, model: type[BaseModel] | None = None) -> str:
+    """An error's message on one line, as the CLI and the stages print it: pydantic's report by key
+    path (with what `model` allows), a KeyError without its quotes, other messages' lines joined."""
+    if isinstance(err, ValidationError):
+        return format_validation_error(err, model)
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 _BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}

@@ -41,7 +41,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     state = _load_state(path)
-    if "config" not in state and "fingerprint" in state:
+    if "config" not in state and "identity" in state:  # what train's last.pt holds instead
         raise ValueError(f"{path}: a resume checkpoint without the run config; use best.pt from the same folder")
     missing = sorted({"config", "model", "info"} - set(state))
     if missing or not isinstance(state["model"], dict):

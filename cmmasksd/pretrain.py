@@ -30,7 +30,7 @@ from cmmasksd.config import PretrainConfig
 from cmmasksd.data.captions import CaptionPairs, Scene, load_scenes
 from cmmasksd.data.refshapes import COLOURS, SHAPES, SIZES
 from cmmasksd.io.checkpoint import read_resume_state, save_checkpoint
-from cmmasksd.model import factory  # noqa: F401  registers the tiny CLIP configs with open_clip
+from cmmasksd.model.factory import create_clip
 from cmmasksd.model.backbone import ClipBackbone
 from cmmasksd.model.mask_stats import MaskStats
 from cmmasksd.model.masksd import cell_grid, correlation_cells
@@ -67,7 +67,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    clip = open_clip.create_model(cfg.clip)
+    clip = create_clip(cfg.clip)  # registers the tiny CLIP configs, so open_clip's tokenizer finds them
     backbone = ClipBackbone(clip)  # wraps, does not copy: its `normalize` is CLIP's preprocessing
     tokenizer = open_clip.get_tokenizer(cfg.clip)
     size = clip.visual.image_size

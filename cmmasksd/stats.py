@@ -248,15 +248,6 @@ def seed_summary(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if values.size >= 2 else math.nan
 
 
-def paired_t_interval(deltas, level: float = 0.95) -> tuple[float, float]:
-    """mean(d) +- t(n-1) sd(d) / sqrt(n) over per-seed deltas: wide with few seeds, as it should be."""
-    deltas = np.asarray(deltas, dtype=np.float64)
-    if deltas.size < 2:
-        raise ValueError(f"a t-interval needs at least 2 per-seed deltas, got {deltas.size}")
-    low, high, _ = _paired_t(deltas, level)
-    return float(low), float(high)
-
-
 def power_line(sd: float, n_seeds: int, target_delta: float = 0.01, alpha: float = 0.05,
                power: float = 0.8) -> dict:
     """Smallest delta n seeds detect, and seeds needed for `target_delta` (normal approximation).

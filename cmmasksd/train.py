@@ -26,12 +26,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from cmmasksd.config import MaskSDConfig, TrainConfig
+from cmmasksd.config import TrainConfig
 from cmmasksd.data import EpochBatchSampler, PreparedSplit, RefSegDataset
 from cmmasksd.distributed import Dist, barrier, broadcast_weights, gather_objects, local_device, sum_tensors, training_step
 from cmmasksd.evaluate import SplitEvaluation, evaluate_split
+from cmmasksd.identity import differences, resolve_device, run_identity
 from cmmasksd.io.checkpoint import read_checkpoint, read_resume_state, save_checkpoint
-from cmmasksd.model import CMMaskSD, create_model
+from cmmasksd.model import CMMaskSD, create_model, parameter_report
 from cmmasksd.model.mask_stats import MaskStats
 from cmmasksd.visualize import save_learning_curves, save_prediction_overlays
 
@@ -40,19 +41,15 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
-# Fields that do not change what is computed; a resumed run may differ in them.
 _RESUME_KEYS = ("model", "optimizer", "scheduler", "rng_cpu", "epoch", "history", "best_val", "best_epoch",
-                "fingerprint")
-_RUNTIME_FIELDS = {"out_dir", "device", "threads", "num_overlays"}
+                "identity")
 
 
 @dataclass
 class EpochReport:
     epoch: int  # number of finished epochs (1-based)
     metrics: dict[str, float]  # train/*, val/*, mask/* (branches that ran), lr, epoch_time_s, step_time_s
-    checkpoint_dir: Path  # holds last.pt: everything needed to resume (written by rank 0)
-    is_best: bool
-    rank: int = 0  # every rank reports; only rank 0's checkpoint_dir holds this epoch's files
+    checkpoint_dir: Path  # holds last.pt: everything needed to resume (written by rank 0 only)
 
 
 @dataclass
@@ -63,8 +60,9 @@ class TrainResult:
     history: list[dict[str, float]]
     final: dict[str, dict[str, float]]  # split -> metric name -> value
     per_expression: dict[str, Path]  # split -> CSV of per-expression IoUs
-    cost: dict[str, float]  # step_time_s, peak_mem_mb, params_*
+    cost: dict[str, float]  # step_time_s, peak_mem_mb, params_*, bf16
     checkpoint: Path  # best weights (selected on val)
+    identity: dict  # what the weights depend on (`cmmasksd.identity.run_identity`), runtime included
     figures: list[Path] = field(default_factory=list)
 
     def flat_metrics(self) -> dict[str, float]:
@@ -73,20 +71,6 @@ class TrainResult:
         flat.update({f"cost/{k}": v for k, v in self.cost.items()})
         flat["best_epoch"] = float(self.best_epoch)
         return flat
-
-
-def native_bf16(device: torch.device) -> bool:
-    """bf16 autocast pays off: any CUDA device, or a CPU with native bf16 (avx512_bf16; AVX2 only emulates it)."""
-    if device.type == "cuda":
-        return True
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return device.type == "cpu" and check is not None and bool(check())
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def open_splits(config: TrainConfig) -> dict[str, PreparedSplit]:
@@ -120,13 +104,6 @@ def build_optimizer(model: CMMaskSD, config: TrainConfig) -> torch.optim.Optimiz
     return cls(groups, weight_decay=opt.weight_decay, fused=fused)
 
 
-def run_fingerprint(config: TrainConfig) -> dict:
-    """The config minus runtime-only fields: a checkpoint resumes only a run with the same one."""
-    dumped = config.model_dump(mode="json", exclude=_RUNTIME_FIELDS)
-    dumped["data"].pop("num_workers", None)
-    return dumped
-
-
 class StepTimer:
     """Step times without a synchronize per step: on CUDA, events recorded around each step are
     read once at the end of the epoch (the host queues work ahead instead of waiting)."""
@@ -157,10 +134,6 @@ class StepTimer:
         return [end - start for start, end in marks]
 
 
-def _count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -170,12 +143,13 @@ def _peak_memory_mb(device: torch.device) -> float:
 def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = None) -> TrainResult:
     """Train, select on val, evaluate every split; resumes from `out_dir/checkpoints/last.pt`."""
     ctx = Dist.current()
-    out_dir = Path(config.out_dir)
+    out_dir = Path(config.run.out_dir)
     ckpt_dir = out_dir / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = local_device(resolve_device(config.device), ctx)
+    identity = run_identity(config, device.type)
     torch.manual_seed(config.seed)
 
     # data
@@ -188,7 +162,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
     info = {"input_size": train_split.size, "word_len": train_split.word_len}
     sampler = EpochBatchSampler(len(train_set), config.optim.batch_size, config.seed,
                                 drop_last=len(train_set) > config.optim.batch_size, rank=ctx.rank, world=ctx.world)
-    workers = config.data.num_workers
+    workers = config.run.num_workers
     loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                         persistent_workers=workers > 0,  # started once: the epoch comes with each key
                         generator=torch.Generator().manual_seed(config.seed))  # workers' seeds: not the global RNG
@@ -197,7 +171,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
     model = create_model(config.model, config.masksd).to(device)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.optim.milestones, config.optim.gamma)
-    amp = config.optim.amp and native_bf16(device)
+    amp = identity["runtime"]["precision"] == "bf16"
     if amp:
         model = model.to(memory_format=torch.channels_last)  # the layout oneDNN / cuDNN run bf16 convs in
 
@@ -206,8 +180,10 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
     last_path = ckpt_dir / LAST
     state = _read_resume(last_path, ctx)
     if state is not None:
-        if state["fingerprint"] != run_fingerprint(config):
-            raise ValueError(f"{last_path}: holds a run with a different config; use another out_dir")
+        changed = differences(state["identity"], identity)
+        if changed:
+            raise ValueError(f"{last_path}: holds another run (it differs in {'; '.join(changed[:4])}); "
+                             "resume it with the same config, precision and threads, or use another run.out_dir")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -262,8 +238,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         metrics.update(lr=lr, epoch_time_s=time.perf_counter() - epoch_start,
                        step_time_s=sum(step_times[-n_steps:]) / n_steps)
         history.append({"epoch": epoch + 1, **metrics})
-        is_best = val.metrics["miou"] > best_val
-        if is_best:
+        if val.metrics["miou"] > best_val:
             best_val, best_epoch = val.metrics["miou"], epoch + 1
             if ctx.main:
                 save_checkpoint({"model": model.state_dict(), "info": info,
@@ -272,7 +247,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
             "epoch": epoch + 1, "history": history, "best_val": best_val, "best_epoch": best_epoch,
-            "fingerprint": run_fingerprint(config), "info": info,
+            "identity": identity, "info": info,
         }
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(device)
@@ -285,9 +260,9 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         epochs.set_postfix(loss=f"{metrics['train/loss']:.3f}", val_miou=f"{val.metrics['miou']:.3f}")
         log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
         if on_epoch is not None:
-            on_epoch(EpochReport(epoch + 1, metrics, ckpt_dir, is_best, ctx.rank))
+            on_epoch(EpochReport(epoch + 1, metrics, ckpt_dir))
 
-    return _finish(config, model, splits, history, best_epoch, best_val, step_times, device, ctx)
+    return _finish(config, model, splits, history, best_epoch, best_val, step_times, device, ctx, identity)
 
 
 def _read_resume(last_path: Path, ctx: Dist) -> dict | None:
@@ -325,9 +300,9 @@ def _set_rng(state: dict | None, seed: int, device: torch.device, ctx: Dist) -> 
         torch.cuda.set_rng_state(cuda, device)
 
 
-def _finish(config, model, splits, history, best_epoch, best_val, step_times, device, ctx) -> TrainResult:
+def _finish(config, model, splits, history, best_epoch, best_val, step_times, device, ctx, identity) -> TrainResult:
     """Reload the val-selected weights, evaluate every split; rank 0 writes tables, figures, results.json."""
-    out_dir = Path(config.out_dir)
+    out_dir = Path(config.run.out_dir)
     best_path = out_dir / CHECKPOINT_DIR / BEST
     if ctx.main:  # only rank 0 has it on its disk (Ray Train workers may sit on other nodes)
         model.load_state_dict(read_checkpoint(best_path)["model"])
@@ -348,28 +323,24 @@ def _finish(config, model, splits, history, best_epoch, best_val, step_times, de
             tables[name] = out_dir / f"per_expression_{name}.csv"
             evaluation.per_expression.to_csv(tables[name], index=False)
 
-    total = _count_parameters(model)
-    baseline = total
-    if config.masksd.branches != "none":  # the same model without mask tokens, built only to be counted
-        no_weights = config.model.model_copy(update={"pretrained": None})
-        baseline = _count_parameters(create_model(no_weights, MaskSDConfig(branches="none")))
+    params = parameter_report(config.model, config.masksd)  # counted on unweighted copies of the model
     cost = {
         "step_time_s": (sum(step_times) / len(step_times)) if step_times else float("nan"),
         "peak_mem_mb": _peak_memory_mb(device),
-        "params_total": float(total),
-        "params_baseline": float(baseline),
-        "params_extra": float(total - baseline),  # 0 for the CRIS baseline: no mask tokens built
-        "bf16": float(config.optim.amp and native_bf16(device)),  # 1: trained under bf16 autocast
+        "params_total": float(params["cmmasksd"]),
+        "params_baseline": float(params["baseline"]),
+        "params_extra": float(params["extra"]),  # 0 for the CRIS baseline: no mask tokens built
+        "bf16": float(identity["runtime"]["precision"] == "bf16"),  # 1: trained under bf16 autocast
     }
-    result = TrainResult(out_dir, best_epoch, best_val, history, final, tables, cost, best_path)
+    result = TrainResult(out_dir, best_epoch, best_val, history, final, tables, cost, best_path, identity)
     if not ctx.main:
         return result
     result.figures = [save_learning_curves(history, out_dir / "learning_curves.png")]
     val_name = config.data.val_split
-    if config.num_overlays and val_name in evaluations:
+    if config.run.num_overlays and val_name in evaluations:
         result.figures.append(save_prediction_overlays(
             model, splits[val_name], evaluations[val_name].per_expression, out_dir / "overlays_val.png",
-            device=device, count=config.num_overlays, threshold=config.eval_threshold,
+            device=device, count=config.run.num_overlays, threshold=config.eval_threshold,
             blank_text=config.data.blank_text,
         ))
     (out_dir / "results.json").write_text(json.dumps(asdict(result), indent=2, default=str))

@@ -6,17 +6,19 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import yaml
-from pydantic import ValidationError
 
-from cmmasksd.config import format_validation_error
+from cmmasksd.config import one_line
+
+if TYPE_CHECKING:
+    from pipeline.params_schema import Params
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_params(path: str | Path = REPO_ROOT / "params.yaml") -> dict[str, Any]:
+def load_params(path: str | Path = REPO_ROOT / "params.yaml") -> Params:
     """params.yaml validated by its schema (`pipeline.params_schema`), every default filled in."""
     from pipeline.params_schema import validate_params  # loads the library's configs (torch): only when used
 
@@ -33,16 +35,6 @@ def load_params(path: str | Path = REPO_ROOT / "params.yaml") -> dict[str, Any]:
         raise ValueError(f"{path}: {err}") from None
 
 
-def section(params: dict[str, Any], *keys: str) -> Any:
-    """`params[k1][k2]...`, with an error that names the missing key path."""
-    node: Any = params
-    for i, key in enumerate(keys):
-        if not isinstance(node, dict) or key not in node:
-            raise KeyError(f"params.yaml: missing `{'.'.join(keys[: i + 1])}`")
-        node = node[key]
-    return node
-
-
 def repo_path(path: str | Path) -> Path:
     """Absolute path for a repo-relative one (Ray and MLflow need absolute paths)."""
     path = Path(path)
@@ -52,14 +44,6 @@ def repo_path(path: str | Path) -> Path:
 def setup_logging() -> None:
     # force: an imported library may have configured the root logger already, hiding our INFO lines
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
-
-
-def one_line(err: BaseException) -> str:
-    """An error's message on one line (pydantic's by key path; a KeyError without its quotes)."""
-    if isinstance(err, ValidationError):
-        return format_validation_error(err)
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def run_main(main: Callable[[], int | None]) -> NoReturn:

@@ -18,32 +18,33 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.common import load_params, repo_path, run_main, section, setup_logging
+from pipeline.common import load_params, repo_path, run_main, setup_logging
 
 if TYPE_CHECKING:
     from cmmasksd.io import Source
+    from pipeline.params_schema import Params, RefShapesFetch
 
 log = logging.getLogger(__name__)
 RAW = Path("data/raw")
 CACHE = Path("data/cache")
 
 
-def fetch_refshapes(settings: dict, out: Path) -> None:
-    from cmmasksd.data import RefShapesConfig, generate_refshapes
+def fetch_refshapes(settings: RefShapesFetch, out: Path) -> None:
+    from cmmasksd.data import generate_refshapes
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    counts = generate_refshapes(tmp, RefShapesConfig(**settings["generate"]))
+    counts = generate_refshapes(tmp, settings.generate)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a stage interrupted mid-generation leaves no half-written output
     log.info("generated refshapes: %s", counts)
 
 
-def configured_source(params: dict, name: str) -> tuple[Source, Path | None]:
+def configured_source(params: Params, name: str) -> tuple[Source, Path | None]:
     """The catalogue's `name` with the mirrors and checks of `fetch.<name>`, and its local copy if any."""
     from cmmasksd.io import get_source, with_settings
 
-    settings = dict(section(params, "fetch", name) or {})
+    settings = params.fetch.settings(name)
     local = settings.pop("source", None)
     try:
         source = with_settings(get_source(name), settings)
@@ -52,7 +53,7 @@ def configured_source(params: dict, name: str) -> tuple[Source, Path | None]:
     return source, repo_path(Path(local).expanduser()) if local else None
 
 
-def fetch_refer(dataset: str, params: dict, raw: Path, cache: Path, progress: bool = True) -> Path:
+def fetch_refer(dataset: str, params: Params, raw: Path, cache: Path, progress: bool = True) -> Path:
     """Make `raw/<dataset>` the refer layout: links to the annotation files and to COCO train2014."""
     from cmmasksd.io import fetch_source
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     params = load_params(args.params)
     if args.dataset == "refshapes":
-        fetch_refshapes(section(params, "fetch", "refshapes"), repo_path(RAW / args.dataset))
+        fetch_refshapes(params.fetch.refshapes, repo_path(RAW / args.dataset))
     else:
         fetch_refer(args.dataset, params, repo_path(RAW), repo_path(CACHE))
 

@@ -2,7 +2,8 @@
 
 `load_params` validates the file with `validate_params`, so a typo (`sweep.seed` for `sweep.seeds`),
 a value out of range or a sweep variant that `TrainConfig` refuses stops every stage with the key
-path and what is allowed, before it downloads, trains or starts Ray. Where a library model already
+path and what is allowed, before it downloads, trains or starts Ray. The stages read the validated
+`Params` object itself (typed attributes, not string keys). Where a library model already
 describes a section it is the schema (`TrainConfig` for the profile, `train.overrides` and each
 variant; `PretrainConfig`; `RefShapesConfig`; the source catalogue's `with_settings`), so no default
 or range is written twice. A section whose keys all have defaults may be left out.
@@ -35,11 +36,12 @@ from cmmasksd.config import (
 )
 from cmmasksd.data.refshapes import RefShapesConfig
 from cmmasksd.io import SOURCES, get_source, with_settings
+from pipeline.contract import DEFAULT_GRIDS
 
 IMAGES = "coco_train2014"  # the catalogue's image source that every refer dataset links to
 DATASETS = ("refshapes", *(name for name in SOURCES if name != IMAGES))  # what the fetch stage can make
-# Where a trial runs: the sweep sets these, so a profile and a variant are checked without them.
-_PLACEMENT = {"data.prepared_dir": ".", "out_dir": ".", "threads": 1}
+# The sweep sets the data folder of a trial, so a profile and a variant are checked without it.
+_PLACEMENT = {"data.prepared_dir": "."}
 
 
 def _known_dataset(name: str) -> str:
@@ -52,7 +54,7 @@ Dataset = Annotated[str, AfterValidator(_known_dataset)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RefShapesFetch(_Section):
@@ -70,6 +72,11 @@ class FetchParams(_Section):
     refcoco_plus: dict[str, Any] = Field(default_factory=dict, alias="refcoco+")
     refcocog: dict[str, Any] = Field(default_factory=dict)
     coco_train2014: dict[str, Any] = Field(default_factory=dict)
+
+    def settings(self, name: str) -> dict[str, Any]:
+        """The settings of catalogue source `name` (`refcoco+` included) as written."""
+        field = next(f for f, info in type(self).model_fields.items() if (info.alias or f) == name)
+        return dict(getattr(self, field))
 
     @field_validator("refcoco", "refcoco_plus", "refcocog", "coco_train2014")
     @classmethod
@@ -155,7 +162,7 @@ class MlflowParams(_Section):
 class ReportParams(_Section):
     bootstrap_samples: int = Field(default=10_000, ge=1)
     bootstrap_seed: int = 0
-    grids: list[tuple[str, str]] | None = None  # two-key tables; None: the report's default grids
+    grids: list[tuple[str, str]] = Field(default_factory=lambda: list(DEFAULT_GRIDS))  # two-key tables + heatmaps
 
 
 class Params(_Section):
@@ -170,6 +177,13 @@ class Params(_Section):
     ray: RayParams | None = None
     mlflow: MlflowParams | None = None
     report: ReportParams = Field(default_factory=ReportParams)
+
+    def need(self, name: str) -> Any:
+        """Section `name`, or an error naming it when params.yaml leaves it out."""
+        value = getattr(self, name)
+        if value is None:
+            raise KeyError(f"params.yaml: missing `{name}`")
+        return value
 
     @model_validator(mode="after")
     def _datasets_are_built(self) -> Params:
@@ -214,11 +228,9 @@ def _check_trial(raw: dict[str, Any], where: str) -> None:
         raise ValueError(f"`{where}`: {err}" if where else str(err)) from None
 
 
-def validate_params(raw: dict[str, Any]) -> dict[str, Any]:
-    """`raw` (params.yaml as read) validated, as the stages read it: plain values, defaults filled in,
-    each left-out section with required keys still left out."""
+def validate_params(raw: dict[str, Any]) -> Params:
+    """`raw` (params.yaml as read) validated, defaults filled in; a left-out section with required keys is None."""
     try:
-        params = Params.model_validate(raw)
+        return Params.model_validate(raw)
     except ValidationError as err:
         raise ValueError(format_validation_error(err, Params)) from None
-    return params.model_dump(mode="json", by_alias=True, exclude={name for name, value in params if value is None})

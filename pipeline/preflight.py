@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.params_schema import PreprocessSettings
 
 
 def keep_local_ray_on_loopback(address: str | None) -> None:
@@ -17,7 +20,7 @@ def keep_local_ray_on_loopback(address: str | None) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
-def check_prepared(prepared_dir: Path, dataset: str, settings: dict[str, Any]) -> None:
+def check_prepared(prepared_dir: Path, dataset: str, settings: PreprocessSettings) -> None:
     """Every prepared split is of this format and of the size and word_len params.yaml asks for."""
     from cmmasksd.data import PreparedSplit
 
@@ -26,10 +29,10 @@ def check_prepared(prepared_dir: Path, dataset: str, settings: dict[str, Any]) -
         raise FileNotFoundError(f"{prepared_dir}: no prepared split; run `dvc repro preprocess@{dataset}`")
     for manifest in manifests:
         split = PreparedSplit(manifest.parent)  # checks the format version
-        if (split.size, split.word_len) != (settings["size"], settings["word_len"]):
+        if (split.size, split.word_len) != (settings.size, settings.word_len):
             raise ValueError(f"{split.split_dir}: prepared at size {split.size}, word_len {split.word_len}; "
-                             f"params.yaml preprocess.{dataset} asks for size {settings['size']}, word_len "
-                             f"{settings['word_len']}: run `dvc repro preprocess@{dataset}`")
+                             f"params.yaml preprocess.{dataset} asks for size {settings.size}, word_len "
+                             f"{settings.word_len}: run `dvc repro preprocess@{dataset}`")
 
 
 def check_model(config: dict[str, Any]) -> None:

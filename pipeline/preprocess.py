@@ -15,7 +15,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.common import load_params, repo_path, run_main, section, setup_logging
+from pipeline.common import load_params, repo_path, run_main, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     setup_logging()
-    settings = section(load_params(args.params), "preprocess", args.dataset)
-    refer = Refer(repo_path(Path("data/raw") / args.dataset), settings["split_by"])
-    reports = prepare_dataset(refer, repo_path(Path("data/prepared") / args.dataset), size=settings["size"],
-                              word_len=settings["word_len"], workers=settings["workers"])
+    settings = load_params(args.params).preprocess.get(args.dataset)
+    if settings is None:
+        raise KeyError(f"params.yaml: missing `preprocess.{args.dataset}`")
+    refer = Refer(repo_path(Path("data/raw") / args.dataset), settings.split_by)
+    reports = prepare_dataset(refer, repo_path(Path("data/prepared") / args.dataset), size=settings.size,
+                              word_len=settings.word_len, workers=settings.workers)
     print(format_reports(reports))
-    counts = official_count_report(args.dataset, settings["split_by"], refer.split_counts())
+    counts = official_count_report(args.dataset, settings.split_by, refer.split_counts())
     if counts is not None:
         print(counts)
 

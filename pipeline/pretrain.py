@@ -15,23 +15,23 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline.common import REPO_ROOT, load_params, repo_path, run_main, section, setup_logging
+from pipeline.common import REPO_ROOT, load_params, repo_path, run_main, setup_logging
+
+if TYPE_CHECKING:
+    from pipeline.params_schema import Params
 
 log = logging.getLogger(__name__)
 METRICS = Path("reports/pretrain.json")
 
 
-def pretrain_config(params: dict):
+def pretrain_config(params: Params):
     """`params.yaml: pretrain` (validated by its schema) as a `PretrainConfig`, paths under the repo."""
     from cmmasksd.config import PretrainConfig
-    from pipeline.params_schema import validate_params
 
-    try:
-        settings = validate_params({"pretrain": section(params, "pretrain")})["pretrain"]
-    except ValueError as err:
-        raise ValueError(f"params.yaml: {err}") from None
-    paths = {"raw_dir": repo_path(Path("data/raw") / settings.pop("dataset")), "out": repo_path(settings["out"]),
+    settings = params.pretrain.model_dump(exclude={"dataset"})
+    paths = {"raw_dir": repo_path(Path("data/raw") / params.pretrain.dataset), "out": repo_path(settings["out"]),
              "work_dir": repo_path(settings["work_dir"])}
     return PretrainConfig.model_validate({**settings, **paths})
 

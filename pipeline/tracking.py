@@ -5,13 +5,16 @@ and data: `cmmasksd.code_digest`, `mlflow.source.git.commit`, `cmmasksd.git_dirt
 child run per trial (tags `cmmasksd.role=trial`, `cmmasksd.trial_id`, `cmmasksd.variant`,
 `cmmasksd.overrides` = the trial's overrides without its seed, as JSON: what defines its variant,
 and the same identity tags). Both carry the prepared data as an MLflow dataset input.
-Metric names (the report stage depends on them):
+The names both the sweep and the report read (tags, metric names and prefixes) live in
+`pipeline.contract`. Metrics:
 - per epoch (step = epoch): `train/loss`, `train/seg`, `train/lmvsd`, `train/vmlsd`,
   `val/miou`, `val/oiou`, `val/prec_50..90`, `lr`, `epoch_time_s`, `step_time_s`, and where the
   branches' masks fell: `mask/lmvsd_hit`, `mask/lmvsd_chance`, `mask/vmlsd_hit`, `mask/vmlsd_chance`;
 - final, with the val-selected weights: `final/<split>/<metric>`, `cost/step_time_s`,
-  `cost/peak_mem_mb`, `cost/params_total`, `cost/params_baseline`, `cost/params_extra`, `best_epoch`.
-Artifacts: `per_expression/per_expression_<split>.csv`, `figures/*.png`, `results.json`.
+  `cost/peak_mem_mb`, `cost/params_total`, `cost/params_baseline`, `cost/params_extra`, `cost/bf16`,
+  `best_epoch`.
+Params: every config value, and `runtime.device`, `runtime.precision`, `runtime.threads` (what the
+machine decided). Artifacts: `per_expression/per_expression_<split>.csv`, `figures/*.png`, `results.json`.
 """
 
 from __future__ import annotations
@@ -29,14 +32,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.tracking import MlflowClient
 
 from pipeline.common import REPO_ROOT
+from pipeline.contract import OVERRIDES, ROLE, TRIAL_ID, VARIANT
 
-ROLE = "cmmasksd.role"
-TRIAL_ID = "cmmasksd.trial_id"
-VARIANT = "cmmasksd.variant"
-OVERRIDES = "cmmasksd.overrides"
-CODE_DIGEST = "cmmasksd.code_digest"
-GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own tag: the UI shows it as the run's source version
-GIT_DIRTY = "cmmasksd.git_dirty"
 # MLflow 3 picks an experiment's page from this tag; without it a new experiment opens on the GenAI overview
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MAX_PARAM_LENGTH = 6000
@@ -82,6 +79,12 @@ def check_tracking_server(uri: str, wait_s: float = 5.0) -> None:
                 f"mlflow.tracking_uri: no MLflow server answers at {redact(uri)} ({reason}); start it "
                 f"(`mlflow server --host 127.0.0.1 --port <port>`) or point params.yaml at a running one")
         time.sleep(1.0)
+
+
+def experiment_url(server: str, experiment_id: str) -> str:
+    """The link that opens an experiment on its runs: MLflow 3.17's UI chooses between its GenAI
+    overview and the runs table from a global switch (default GenAI), which this URL parameter sets."""
+    return f"{redact(server).rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def artifact_location(tracking_uri: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny RefShapes dataset (raw refer layout) and its prepared splits."""
+"""Shared fixtures: a tiny RefShapes dataset (raw refer layout), its prepared splits, and the one tiny
+training setting on them (`tiny_config`). Helpers shared by test modules live in `helpers.py`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import debug_config
 
 from cmmasksd.data import Refer, RefShapesConfig, generate_refshapes, prepare_dataset
 
@@ -59,3 +61,23 @@ def prepared_root(refshapes_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared")
     prepare_dataset(Refer(refshapes_root, "unc"), out, PREPARED_SIZE, PREPARED_WORD_LEN, progress=False)
     return out
+
+
+@pytest.fixture
+def tiny_config(prepared_root, tmp_path):
+    """A factory of raw training configs: `tiny_config(out_dir=None, **overrides) -> dict`.
+
+    The shipped `debug` profile (3 epochs of the tiny RN on 32 objects, seconds on a CPU) on
+    `prepared_root`, writing to `out_dir` (default: a fresh `run`, `run-2`, ... folder under the
+    test's tmp_path), with dotted overrides (`optim__epochs=1` or `**{"optim.epochs": 1}`).
+    """
+    made = 0
+
+    def make(out_dir: str | Path | None = None, **overrides) -> dict:
+        nonlocal made
+        made += 1
+        if out_dir is None:
+            out_dir = tmp_path / ("run" if made == 1 else f"run-{made}")
+        return debug_config(prepared_root, out_dir, **overrides)
+
+    return make

@@ -1,4 +1,4 @@
-"""The step benchmark runs and its numbers hang together (its figures are measured in benchmarks/)."""
+"""The benchmarks run and their numbers hang together (their figures are measured in benchmarks/)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each runs a benchmark script in a process of its own
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -25,3 +28,17 @@ def test_bench_step_measures_every_variant_against_cris(tmp_path):
     for row in steps.values():
         assert row["step_s"] > 0 and row["samples_per_s"] == 4 / row["step_s"]
     assert result["eval"]["expressions"] > 0 and result["eval"]["expressions_per_s"] > 0
+
+
+def test_mask_hits_reports_hit_rates_against_chance_per_kind_of_expression(prepared_root, tmp_path):
+    """On the tiny RN at random init (`--weights none`): the script builds open_clip's `tiny-rn`
+    itself, so it must register the project's tiny CLIP configs first."""
+    out = tmp_path / "hits.json"
+    done = subprocess.run([sys.executable, "benchmarks/mask_hits.py", "--weights", "none", "--prepared",
+                           str(prepared_root / "val"), "--clip", "tiny-rn", "--cell", "8", "--json", str(out)],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr.strip().splitlines()[-1][:300]
+    result = json.loads(out.read_text())
+    assert result["weights"] is None and result["expressions"]["all"] > 0
+    assert {"values/all", "attention/all"} <= set(result["hits"])
+    assert all(0.0 <= hit["hit"] <= 1.0 and 0.0 < hit["chance"] < 1.0 for hit in result["hits"].values())

@@ -19,7 +19,7 @@ from cmmasksd.config import build_config
 from cmmasksd.io import checkpoint
 from cmmasksd.io.checkpoint import CheckpointError, read_checkpoint, read_resume_state, save_checkpoint
 from cmmasksd.train import CHECKPOINT_DIR, LAST, train
-from test_train import Interrupt, tiny_config
+from helpers import Interrupt, debug_config, stop_after
 
 
 @pytest.fixture
@@ -41,8 +41,12 @@ def equal_weights(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+TWO_EPOCHS = {"optim.epochs": 2, "optim.milestones": []}
+
+
 def two_epochs(prepared_root, out_dir):
-    return build_config(tiny_config(prepared_root, out_dir) | {"optim": {"epochs": 2, "milestones": [], "batch_size": 8}})
+    """The debug profile for 2 epochs (a module fixture needs it too: `debug_config`, which `tiny_config` wraps)."""
+    return build_config(debug_config(prepared_root, out_dir, **TWO_EPOCHS))
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,7 @@ def test_save_on_a_full_file_system_names_the_file_and_keeps_the_previous(small_
     equal_weights(read_checkpoint(path), small)
 
 
+@pytest.mark.slow
 def test_full_disk_in_training_stops_with_the_path_and_a_rerun_resumes(prepared_root, small_tmpfs, tmp_path,
                                                                         straight_weights):
     run_dir = small_tmpfs / "run"
@@ -101,6 +106,7 @@ class FullDisk:
         self.raw.close()
 
 
+@pytest.mark.slow
 def test_injected_enospc_keeps_the_previous_checkpoint(prepared_root, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     real_init = checkpoint._RecordingWriter.__init__
@@ -118,11 +124,6 @@ def test_injected_enospc_keeps_the_previous_checkpoint(prepared_root, tmp_path, 
         train(two_epochs(prepared_root, run_dir))
     assert read_checkpoint(run_dir / CHECKPOINT_DIR / LAST)["epoch"] == 1
     assert not (run_dir / CHECKPOINT_DIR / f"{LAST}.tmp").exists()
-
-
-def stop_after_epoch_one(report) -> None:
-    if report.epoch == 1:
-        raise Interrupt
 
 
 def damage(path, how: str) -> None:
@@ -146,12 +147,13 @@ def test_unusable_resume_state_is_named_and_set_aside(tmp_path, caplog, how):
     assert not last.exists() and last.with_name("last.pt.corrupt").exists()
 
 
+@pytest.mark.slow
 def test_run_with_a_truncated_last_checkpoint_starts_over_to_the_same_weights(prepared_root, tmp_path, caplog,
                                                                              straight_weights):
     run_dir = tmp_path / "run"
     last = run_dir / CHECKPOINT_DIR / LAST
     with pytest.raises(Interrupt):  # a crash after epoch 1's checkpoint
-        train(two_epochs(prepared_root, run_dir), on_epoch=stop_after_epoch_one)
+        train(two_epochs(prepared_root, run_dir), on_epoch=stop_after(1))
     damage(last, "truncated")
     epochs = []
     with caplog.at_level(logging.WARNING, logger="cmmasksd.io.checkpoint"):

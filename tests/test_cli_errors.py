@@ -31,7 +31,8 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def tiny_config(model_name: str = "cris-tiny-rn") -> TrainConfig:
+def checkpoint_config(model_name: str = "cris-tiny-rn") -> TrainConfig:
+    """The config a best.pt holds (nothing trains from it here)."""
     return TrainConfig(data=DataConfig(prepared_dir="unused"), model=get_model_config(model_name),
                        masksd=MaskSDConfig(branches="none"))
 
@@ -44,7 +45,7 @@ def best_state(config: TrainConfig, model_name: str = "cris-tiny-rn") -> dict:
 
 
 def invalid_config_state() -> dict:
-    state = best_state(tiny_config())
+    state = best_state(checkpoint_config())
     state["config"]["masksd"]["mask_ratio_v"] = 1.5
     return state
 
@@ -58,8 +59,9 @@ CASES = {
     "empty_file": ("empty.pt", lambda folder: b""),
     "foreign_dict": ("foreign.pt", lambda folder: {"a": 1}),
     "foreign_list": ("list.pt", lambda folder: [1, 2]),
-    "resume_last": ("last.pt", lambda folder: {"model": {}, "fingerprint": {}, "info": {}}),
-    "other_architecture": ("best.pt", lambda folder: best_state(tiny_config("cris-tiny-vit"))),  # RN weights
+    # what `cmmasksd.train` writes to last.pt (its resume state holds the run's identity, not its config)
+    "resume_last": ("last.pt", lambda folder: {"model": {}, "identity": {}, "info": {}, "epoch": 1}),
+    "other_architecture": ("best.pt", lambda folder: best_state(checkpoint_config("cris-tiny-vit"))),  # RN weights
     "invalid_config": ("best.pt", lambda folder: invalid_config_state()),
 }
 # case -> what its error line says besides the path
@@ -118,7 +120,7 @@ def checkpoint_argv(command: str, path, folder) -> list[str]:
 
 def test_a_valid_checkpoint_loads(tmp_path):
     """The control: the files below fail for what is wrong with them, not for how they are written."""
-    config = tiny_config()
+    config = checkpoint_config()
     torch.save(best_state(config), tmp_path / "best.pt")
     loaded = load_checkpoint(tmp_path / "best.pt")
     assert loaded.config == config and (loaded.input_size, loaded.word_len) == (64, 17)

@@ -22,15 +22,10 @@ from cmmasksd.train import CHECKPOINT_DIR
 pytestmark = pytest.mark.slow
 
 
-def write_config(prepared_root: Path, tmp_path: Path, name: str) -> Path:
-    config = {
-        "data": {"prepared_dir": str(prepared_root), "max_train_objects": 64, "max_eval_expressions": 16},
-        "model": "cris-tiny-rn",
-        "masksd": {"branches": "both", "strategy": "corr_sample", "mask_cell": 8},
-        "optim": {"optimizer": "adamw", "lr": 2e-3, "backbone_lr": 2e-3, "epochs": 3, "milestones": [2],
-                  "batch_size": 8},
-        "threads": 1, "out_dir": str(tmp_path / name), "num_overlays": 1,
-    }
+def write_config(tiny_config, tmp_path: Path, name: str) -> Path:
+    """The debug profile on 64 objects (8 steps an epoch: 4 per rank), 1 thread per process."""
+    config = tiny_config(tmp_path / name, data__max_train_objects=64, masksd__strategy="corr_sample",
+                         masksd__mask_cell=8, threads=1, run__num_overlays=1)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -54,9 +49,9 @@ def last_state(run: Path) -> dict:
     return torch.load(run / CHECKPOINT_DIR / "last.pt", weights_only=True)
 
 
-def test_two_gloo_processes_train_resume_after_a_kill_and_repeat_exactly(prepared_root, tmp_path):
+def test_two_gloo_processes_train_resume_after_a_kill_and_repeat_exactly(tiny_config, tmp_path):
     straight = tmp_path / "straight"
-    output = finish(torchrun(write_config(prepared_root, tmp_path, "straight")))
+    output = finish(torchrun(write_config(tiny_config, tmp_path, "straight")))
     results = json.loads(output[output.index("{\n"):output.rindex("}") + 1])  # rank 0 alone prints
     assert output.count('"best_epoch"') == 1
     state = last_state(straight)
@@ -67,7 +62,7 @@ def test_two_gloo_processes_train_resume_after_a_kill_and_repeat_exactly(prepare
     assert len(table) == 1 + 16  # both ranks' shards of the evaluation, gathered
 
     killed = tmp_path / "killed"
-    proc = torchrun(write_config(prepared_root, tmp_path, "killed"))
+    proc = torchrun(write_config(tiny_config, tmp_path, "killed"))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (killed / CHECKPOINT_DIR / "last.pt").exists():
@@ -79,7 +74,7 @@ def test_two_gloo_processes_train_resume_after_a_kill_and_repeat_exactly(prepare
     proc.communicate(timeout=60)
     interrupted_at = last_state(killed)["epoch"]
     assert 1 <= interrupted_at < 3 and not (killed / "results.json").exists(), "the kill came too late"
-    output = finish(torchrun(write_config(prepared_root, tmp_path, "killed")))
+    output = finish(torchrun(write_config(tiny_config, tmp_path, "killed")))
     assert f"resumed {killed} at epoch {interrupted_at}" in output
 
     again = json.loads(output[output.index("{\n"):output.rindex("}") + 1])

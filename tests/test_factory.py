@@ -3,13 +3,20 @@ import pytest
 import torch
 
 from cmmasksd.config import MaskSDConfig, ModelConfig
+from cmmasksd.config import MODEL_CONFIG_DIR
+from cmmasksd.config import get_model_config as config_get_model_config
+from cmmasksd.config import list_models as config_list_models
 from cmmasksd.model import CMMaskSD, create_clip, create_model, get_model_config, list_models, load_clip_weights
+from cmmasksd.model.factory import register_clip_configs
 
 NAMES = ["cris-rn101", "cris-rn50", "cris-tiny-rn", "cris-tiny-vit", "cris-vit-b-16"]
 
 
 def test_list_models():
     assert list_models() == NAMES
+    # the registry is the config layer's (`cmmasksd.config`), re-exported by `cmmasksd.model`
+    assert list_models is config_list_models and get_model_config is config_get_model_config
+    assert sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")) == NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -31,6 +38,8 @@ def test_unknown_name_lists_the_available_ones():
 
 
 def test_tiny_clip_configs_are_registered_with_open_clip():
+    register_clip_configs()  # explicit (create_clip calls it), not a side effect of importing the factory
+    register_clip_configs()  # idempotent
     assert open_clip.get_tokenizer("tiny-rn").context_length == 22
     assert isinstance(open_clip.create_model("tiny-vit").visual, open_clip.transformer.VisionTransformer)
 

@@ -17,9 +17,11 @@ import pytest
 import yaml
 from http_server import FileServer
 
+import pipeline.fetch as stage
 from cmmasksd.io import SOURCES, ChecksumError
 from pipeline.common import REPO_ROOT
 from pipeline.fetch import configured_source, fetch_refer
+from pipeline.params_schema import validate_params
 
 REFCOCOG = {
     "refcocog/instances.json": json.dumps({"images": [], "annotations": [], "categories": []}).encode(),
@@ -63,15 +65,17 @@ def served(tmp_path, sleeps):
         yield server, params
 
 
-def run_stage(params, tmp_path):
-    return fetch_refer("refcocog", params, tmp_path / "raw", tmp_path / "cache", progress=False)
+def run_stage(params: dict, tmp_path):
+    """The stage's fetch of refcocog with `params` (as params.yaml holds them, validated as the stage does)."""
+    return fetch_refer("refcocog", validate_params(params), tmp_path / "raw", tmp_path / "cache", progress=False)
 
 
 def test_params_yaml_states_the_catalogue():
     """The checksums users see and edit in params.yaml are those the code defaults to."""
     fetch = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["fetch"]
+    params = validate_params({"fetch": fetch})
     for name, source in SOURCES.items():
-        configured, local = configured_source({"fetch": fetch}, name)
+        configured, local = configured_source(params, name)
         assert configured == source and local is None
 
 
@@ -124,6 +128,15 @@ def test_local_folder_and_local_zip_from_params(served, tmp_path):
         run_stage(params, tmp_path)
 
 
-def test_unknown_fetch_setting_names_the_params_key():
-    with pytest.raises(ValueError, match=r"params.yaml `fetch.refcoco`: refcoco: unknown setting\(s\) \['sha'\]"):
-        configured_source({"fetch": {"refcoco": {"source": None, "sha": "x"}}}, "refcoco")
+def test_unknown_fetch_setting_names_the_params_key(tmp_path, monkeypatch):
+    """Refused when params.yaml is read, before anything is fetched."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"fetch": {"refcoco": {"source": None, "sha": "x"}}}))
+
+    def fetched(*args, **kwargs):
+        raise AssertionError("the stage fetched with a setting it does not know")
+
+    monkeypatch.setattr(stage, "fetch_refer", fetched)
+    with pytest.raises(ValueError, match=rf"^{path}: `fetch.refcoco`: unknown setting\(s\) \['sha'\]; expected "
+                                         r"some of \['md5', 'sha256', 'size', 'urls'\]$"):
+        stage.main(["refcoco", "--params", str(path)])

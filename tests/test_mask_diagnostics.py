@@ -8,13 +8,12 @@ import open_clip
 import pytest
 import torch
 
-from cmmasksd.config import MaskSDConfig, build_config, deep_merge
+from cmmasksd.config import MaskSDConfig, build_config
 from cmmasksd.data.refshapes import COLOURS, SHAPES, SIZES
 from cmmasksd.model import create_model
 from cmmasksd.model.mask_stats import STOP_WORDS, MaskStats, content_token_mask, stop_token_ids
 from cmmasksd.model.masksd import real_word_mask, select_masked
 from cmmasksd.train import train
-from test_train import tiny_config
 
 KEYS = {"mask/lmvsd_hit", "mask/lmvsd_chance", "mask/vmlsd_hit", "mask/vmlsd_chance"}
 
@@ -98,20 +97,19 @@ def test_no_masks_no_metrics_and_nothing_masked_is_nan():
     assert all(math.isnan(v) for v in stats.metrics().values()) and len(stats.metrics()) == 2
 
 
-def one_epoch(prepared_root, out_dir, **masksd) -> dict[str, float]:
-    config = deep_merge(tiny_config(prepared_root, out_dir, **masksd), {
-        "data": {"max_train_objects": 16, "max_eval_expressions": 8},
-        "optim": {"epochs": 1, "milestones": []}, "num_overlays": 0,
-    })
+def one_epoch(tiny_config, **masksd) -> dict[str, float]:
+    """The metrics of one epoch of two steps (16 objects at batch 8)."""
+    config = tiny_config(**{f"masksd.{k}": v for k, v in masksd.items()}, data__max_train_objects=16,
+                         data__max_eval_expressions=8, optim__epochs=1, optim__milestones=[], run__num_overlays=0)
     epochs = []
     train(build_config(config), on_epoch=lambda report: epochs.append(report.metrics))
     return epochs[0]
 
 
-def test_epoch_metrics_hold_the_hit_rates_only_when_the_branches_run(prepared_root, tmp_path):
-    metrics = one_epoch(prepared_root, tmp_path / "both", mask_cell=8)  # 64 px: an 8 x 8 grid of 8 px cells
+def test_epoch_metrics_hold_the_hit_rates_only_when_the_branches_run(tiny_config):
+    metrics = one_epoch(tiny_config, mask_cell=8)  # 64 px: an 8 x 8 grid of 8 px cells
     assert KEYS <= set(metrics) and all(0.0 <= metrics[k] <= 1.0 for k in KEYS)
-    baseline = one_epoch(prepared_root, tmp_path / "none", branches="none")
+    baseline = one_epoch(tiny_config, branches="none")
     assert not any(k.startswith("mask/") for k in baseline)
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from cmmasksd.config import MaskSDConfig
 from cmmasksd.model import CMMaskSD, TextFeatures, VisualFeatures, create_cris, get_model_config, parameter_report
-from cmmasksd.model.backbone import spatial_attention_pool, value_path
+from cmmasksd.model.towers.resnet import spatial_attention_pool, value_path
 from cmmasksd.model.masksd import mask_count, real_word_mask, select_masked
 
 SOT, EOT = 49406, 49407

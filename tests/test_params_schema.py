@@ -10,13 +10,17 @@ from pathlib import Path
 import pytest
 import ray
 import yaml
+from pydantic import ValidationError
 
 import pipeline.sweep as sweep_stage
+from cmmasksd.config import build_config
 from cmmasksd.io import SOURCES
-from pipeline.common import run_main, section
-from pipeline.params_schema import FetchParams, validate_params
+from pipeline.common import run_main
+from pipeline.contract import DEFAULT_GRIDS
+from pipeline.params_schema import FetchParams, Params, validate_params
 from pipeline.storage import RayStorage
-from pipeline.sweep import base_config, build_tuner, expand_grid, resolved_base
+from pipeline.sweep import base_config, build_tuner, expand_grid
+from pipeline.trial import SweepSpec, trial_config
 
 PROJECT = Path(__file__).resolve().parent.parent
 REAL = yaml.safe_load((PROJECT / "params.yaml").read_text())
@@ -92,11 +96,15 @@ def test_sweep_stage_refuses_bad_params_by_key_path_before_ray(case, tmp_path, n
 
 def test_the_repo_params_validate_with_defaults_filled_in():
     params = validate_params(REAL)
-    assert params["preprocess"]["refshapes"]["workers"] == 1  # the schema's default
-    assert params["sweep"]["asha"]["enabled"] is False and params["report"]["bootstrap_samples"] == 10_000
-    assert params["pretrain"]["work_dir"] == "runs/pretrain"  # PretrainConfig's default, as a plain value
-    assert params["fetch"]["refcoco"] == REAL["fetch"]["refcoco"]  # as written: left-out keys keep the catalogue's
-    assert validate_params(params) == params
+    assert isinstance(params, Params)  # typed: the stages read attributes, not string keys
+    assert params.preprocess["refshapes"].workers == 1  # the schema's default
+    assert params.sweep.asha.enabled is False and params.report.bootstrap_samples == 10_000
+    assert params.pretrain.work_dir == Path("runs/pretrain")  # PretrainConfig's default
+    assert params.fetch.settings("refcoco") == REAL["fetch"]["refcoco"]  # as written: left-out keys keep the catalogue's
+    assert params.fetch.settings("refcoco+") == REAL["fetch"]["refcoco+"]  # by the name params.yaml uses
+    assert validate_params(params.model_dump(mode="json", by_alias=True)) == params
+    with pytest.raises(ValidationError, match="frozen"):  # one validated object, shared, never changed by a stage
+        params.sweep.seeds = [7]
 
 
 def test_fetch_schema_names_every_catalogue_source():
@@ -106,9 +114,9 @@ def test_fetch_schema_names_every_catalogue_source():
 
 def test_left_out_sections_stay_out_unless_all_their_keys_have_defaults():
     params = validate_params({"preprocess": {"refshapes": {"split_by": "unc", "size": 64, "word_len": 17}}})
-    assert "sweep" not in params and params["report"]["grids"] is None
+    assert params.sweep is None and params.report.grids == DEFAULT_GRIDS  # the report's default grids, filled in
     with pytest.raises(KeyError, match=r"missing `sweep`"):
-        section(params, "sweep")
+        params.need("sweep")
 
 
 def test_asha_horizon_is_the_validated_default_when_the_profile_leaves_epochs_out(tmp_path):
@@ -116,18 +124,19 @@ def test_asha_horizon_is_the_validated_default_when_the_profile_leaves_epochs_ou
     profile.write_text("model: cris-tiny-rn\nmasksd: {branches: none}\n")  # optim.epochs left at its default
     params = validate_params({"train": {"profile": str(profile)},
                               "sweep": {"name": "asha", "dataset": "refshapes", "asha": {"enabled": True}}})
-    base = base_config(params)
-    resolved = resolved_base(base)
-    trials = expand_grid(params["sweep"], resolved["masksd"]["branches"])
-    tuner = build_tuner({"base": base}, trials, params["sweep"], resolved["optim"]["epochs"], "asha",
-                        RayStorage(str(tmp_path)))
+    base = base_config(params.train)
+    resolved = build_config(trial_config(base, {}, tmp_path, tmp_path, 1))  # as the sweep resolves it
+    trials = expand_grid(params.sweep, resolved.masksd.branches)
+    spec = SweepSpec(base=base, prepared_dir=str(tmp_path), threads=1, tracking_uri="", experiment_id="",
+                     parent_run_id="", tags={}, dataset={})
+    tuner = build_tuner(spec, trials, params.sweep, resolved.optim.epochs, "asha", RayStorage(str(tmp_path)))
     assert tuner._local_tuner._tune_config.scheduler._max_t == 50  # TrainConfig's default; Ray has no accessor
     assert not ray.is_initialized()  # building the Tuner starts nothing
 
 
 def test_run_main_prints_one_error_line_and_exits_2(capsys):
     def main():
-        section({}, "sweep")
+        validate_params({}).need("sweep")
 
     with pytest.raises(SystemExit) as caught:
         run_main(main)
@@ -135,6 +144,7 @@ def test_run_main_prints_one_error_line_and_exits_2(capsys):
     assert capsys.readouterr().err == "error: params.yaml: missing `sweep`\n"  # a KeyError without its quotes
 
 
+@pytest.mark.slow
 def test_stage_run_by_python_reports_one_error_line(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(changed(sweep__variants=[{"masksd.mask_ratio_v": 1.5}]), sort_keys=False))

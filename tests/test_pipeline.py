@@ -3,7 +3,7 @@ interrupted sweep resumed, and `dvc repro` in a git repo (a real `mlflow server`
 `test_tracking_faults.py`).
 
 Each sweep runs as `python -m pipeline.sweep` in a copy of the project's pipeline (as DVC runs it),
-on a tiny RefShapes and tiny training settings.
+on a tiny RefShapes and the debug profile (`helpers.make_repo`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -27,78 +25,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cmmasksd.config import deep_merge
-from cmmasksd.metrics import METRIC_NAMES
 from cmmasksd.predict import load_checkpoint
+from helpers import TRIALS_COLUMNS, child_runs, make_repo, run_stage
 from mlflow_server import free_port
 
 pytestmark = pytest.mark.slow
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-TINY_TRAIN = {"optim": {"epochs": 2, "milestones": [], "batch_size": 8},
-              "data": {"max_train_objects": 16, "max_eval_expressions": 8}, "num_overlays": 1,
-              "masksd": {"mask_cell": 8}}  # 64 px images here: an 8 x 8 mask grid, as 12 px at 96 px
-
-
-COST = ["cost/bf16", "cost/params_baseline", "cost/params_extra", "cost/params_total", "cost/peak_mem_mb",
-        "cost/step_time_s"]
-FINALS = sorted(f"final/{split}/{metric}" for split in ("testA", "testB", "val") for metric in METRIC_NAMES)
-TRIALS_COLUMNS = ["variant", "variant_key", "seed", "status", "mlflow_run_id", "checkpoint", *COST, *FINALS,
-                  "overrides", "error"]
-
-
-def make_repo(tmp_path: Path, prepared_root: Path | None, train: dict | None = None, **changes) -> Path:
-    """A copy of the project's stages, library and params with tiny settings.
-
-    `train` is merged into the tiny `train.overrides`; `changes` are other dotted params.
-    """
-    repo = tmp_path / "repo"
-    repo.mkdir(parents=True)
-    for package in ("pipeline", "cmmasksd"):
-        shutil.copytree(PROJECT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy2(PROJECT / name, repo / name)
-    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    if prepared_root is not None:  # no pretrain stage runs: start from random weights
-        train = deep_merge({"model": {"pretrained": None}}, train or {})
-    tiny = {
-        "fetch.refshapes.generate": {"seed": 0, "image_size": 64,
-                                     "images": {"train": 16, "val": 8, "testA": 4, "testB": 4}},
-        "preprocess.refshapes.size": 64,
-        "pretrain.epochs": 1, "pretrain.batch_size": 8, "pretrain.warmup_steps": 1, "pretrain.threads": 1,
-        "train.overrides": deep_merge(TINY_TRAIN, train or {}),
-        "sweep.variants": [{"masksd.branches": "both"}],
-        "sweep.seeds": [0],
-        "sweep.max_concurrent": 2,
-        **changes,
-    }
-    for key, value in tiny.items():
-        node = params
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    if prepared_root is not None:
-        shutil.copytree(prepared_root, repo / "data" / "prepared" / "refshapes")
-    return repo
-
-
-def run_stage(repo: Path, *args: str, env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", *args], cwd=repo, capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, **(env or {})})
-    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
-
-def child_runs(sweep_file: Path) -> tuple[MlflowClient, list]:
-    info = json.loads(sweep_file.read_text())
-    client = MlflowClient(info["tracking_uri"])
-    runs = client.search_runs([info["experiment_id"]],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{info['parent_run_id']}'")
-    return client, runs
 
 
 def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root, tmp_path):
@@ -119,6 +52,10 @@ def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root,
         assert run.info.status == "FINISHED"
         assert run.data.params["masksd.branches"] in {"none", "both"}
         assert run.data.params["model.clip"] == "tiny-rn"
+        # what the machine decided for the trial: a CPU trial at the threads it reserved (sweep.resources.cpu)
+        assert run.data.params["runtime.device"] == "cpu" and run.data.params["runtime.threads"] == "1"
+        assert run.data.params["runtime.precision"] in {"bf16", "fp32"}
+        assert run.data.tags["cmmasksd.precision"] == f"{run.data.params['runtime.precision']} on cpu"
         assert {"final/val/miou", "final/testA/oiou", "cost/step_time_s", "best_epoch"} <= set(run.data.metrics)
         history = client.get_metric_history(run.info.run_id, "val/miou")
         assert [m.step for m in history] == [1, 2]
@@ -148,7 +85,10 @@ def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root,
     for run in again:
         assert len(client.get_metric_history(run.info.run_id, "val/miou")) == 2
 
-    run_stage(repo, "pipeline.report", "--sweep-file", "sweep/sweep.json", "--out", "reports")
+    shown = run_stage(repo, "pipeline.report", "--sweep-file", "sweep/sweep.json", "--out", "reports").stdout
+    assert "Tables: reports/ablation.md" in shown and "CRIS baseline val mIoU" in shown  # next steps, not a dump
+    assert f"mlflow ui --backend-store-uri {info['tracking_uri']}" in shown
+    assert f"/#/experiments/{info['experiment_id']}?workflowType=machine_learning" in shown
     long = pd.read_csv(repo / "reports" / "ablation.csv")
     val = long[(long.table == "variants") & (long.split == "val") & (long.metric == "miou")].set_index("variant")
     logged = {r.data.tags["cmmasksd.variant"]: r.data.metrics["final/val/miou"] for r in runs}
@@ -157,6 +97,10 @@ def test_sweep_tracks_trials_in_mlflow_and_rerun_retrains_nothing(prepared_root,
     assert not val["significant"].fillna(False).astype(bool).any()  # one seed: never marked
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["n_trials"] == 2 and metrics["n_failed"] == 0
+    # no grid in this sweep, so no heatmap; the trials logged overlays (run.num_overlays: 1)
+    figures = sorted(p.name for p in (repo / "reports" / "figures").iterdir())
+    assert figures == ["learning_curves.png", "overlays_baseline.png", "overlays_best.png"]
+    assert metrics["figures"] == 3
 
     # a change to the code, even a comment, is a new experiment: trained again, never restored
     with (repo / "cmmasksd" / "losses.py").open("a") as f:
@@ -211,18 +155,6 @@ def test_interrupted_sweep_resumes_without_retraining_finished_trials(prepared_r
     assert again.info.end_time == first.info.end_time  # not trained again
     assert len(client.get_metric_history(first.info.run_id, "val/miou")) == 3
     assert all(Path(c).is_relative_to(storage) and Path(c).is_file() for c in trials["checkpoint"])
-
-
-def rest(uri: str, endpoint: str, body: dict | None = None) -> dict:
-    """One call of MLflow's REST API, as the UI makes it (GET with a query, or POST with JSON)."""
-    url = f"{uri}/api/2.0/mlflow/{endpoint}"
-    if body is None:
-        request = urllib.request.Request(url)
-    else:
-        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 BLOCK_HEAD = """
@@ -339,21 +271,19 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["report"]["bootstrap_seed"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    first_figure = repo / "reports" / "heatmap_mask_ratio.png"
-    before = first_figure.stat().st_mtime_ns
+    # the report draws its figures into a staging folder that then replaces reports/figures
+    staging = repo / "reports" / ".figures.tmp"
+    assert (repo / "reports" / "figures" / "learning_curves.png").is_file() and not staging.exists()
 
     def rewritten() -> bool:
-        try:
-            return first_figure.stat().st_mtime_ns != before
-        except FileNotFoundError:  # DVC removes a stage's outputs before it runs the stage
-            return False
+        return staging.exists() and any(staging.iterdir())  # the report has begun writing its figures
 
     repro = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and repro.poll() is None and not rewritten():
         time.sleep(0.02)
-    os.killpg(repro.pid, signal.SIGKILL)  # the report has begun writing: its first figure is new
+    os.killpg(repro.pid, signal.SIGKILL)  # the report has begun writing: its first figure is drawn
     assert repro.wait(timeout=60) == -signal.SIGKILL, "the report finished before it could be killed"
     assert "report" in sh("dvc", "status").stdout
     reports = repo / "reports"
@@ -365,11 +295,14 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(tmp_path):
         assert (reports / "ablation.md").read_text().endswith("\n")
     if (reports / "curves").exists():
         assert len(list((reports / "curves").glob("*.csv"))) == 2
+    if (reports / "figures").exists():  # the old folder, whole, or none: never a half-drawn one
+        assert (reports / "figures" / "learning_curves.png").is_file()
     resumed = sh("dvc", "repro")
     assert "Running stage 'report'" in resumed.stdout and "Running stage 'sweep'" not in resumed.stdout
     assert "Data and pipelines are up to date" in sh("dvc", "status").stdout
     assert sorted(p.name for p in (repo / "reports" / "curves").glob("*.csv")) == ["both_seed0.csv", "cris_seed0.csv"]
     assert not list((repo / "reports").glob(".*.tmp*"))  # the rerun left no staging files behind
+    assert (repo / "reports" / "figures" / "learning_curves.png").is_file()
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert metrics["n_trials"] == 2
 

@@ -20,32 +20,10 @@ import pytest
 from cmmasksd.data import PreparedSplit, PrepareReport, Refer, format_reports, prepare_split
 from cmmasksd.data.cocolike import generate_cocolike
 from cmmasksd.data.letterbox import BORDER_RGB
-from cmmasksd.data.prepared import clip_tokenizer
+from helpers import CrashingTokenizer
 
-SIZE, WORD_LEN = 416, 17
+SIZE, WORD_LEN = 416, 17  # CrashingTokenizer tokenizes to 17, as CLIP's for RefCOCO
 ARRAYS = ("images.npy", "masks.npy", "tokens.npy", "skipped.json")
-
-
-class CrashingTokenizer:
-    """CLIP's tokenizer that, at call `kill_at`, kills its process (SIGKILL: no cleanup at all) or,
-    at call `interrupt_at`, raises KeyboardInterrupt (Ctrl-C).
-
-    The prepare loop tokenizes once per usable image, in the parent, so this stops a run after a
-    known number of images. Every run here uses this class, so all share one fingerprint.
-    """
-
-    def __init__(self, kill_at: int | None = None, interrupt_at: int | None = None):
-        self.kill_at, self.interrupt_at = kill_at, interrupt_at
-        self.calls = 0
-        self._tokenize = clip_tokenizer(WORD_LEN)
-
-    def __call__(self, texts):
-        self.calls += 1
-        if self.calls == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if self.calls == self.interrupt_at:
-            raise KeyboardInterrupt
-        return self._tokenize(texts)
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +63,13 @@ def test_two_workers_write_what_one_writes(cocolike_root, reference, tmp_path):
     assert (portrait[:, :52] == BORDER_RGB).all() and (portrait[:, 52:364] != BORDER_RGB).any(axis=-1).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(cocolike_root, reference, tmp_path):
     script = (
         "import sys; from pathlib import Path; from cmmasksd.data import Refer, prepare_split; "
-        "from test_prepare_scale import CrashingTokenizer, SIZE, WORD_LEN; "
-        f"prepare_split(Refer(Path({str(cocolike_root)!r}), 'unc'), 'train', Path({str(tmp_path)!r}), SIZE, WORD_LEN, "
-        "CrashingTokenizer(kill_at=21), progress=False, workers=2, flush_every=8)"
+        "from helpers import CrashingTokenizer; "
+        f"prepare_split(Refer(Path({str(cocolike_root)!r}), 'unc'), 'train', Path({str(tmp_path)!r}), {SIZE}, "
+        f"{WORD_LEN}, CrashingTokenizer(kill_at=21), progress=False, workers=2, flush_every=8)"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     # Returns only once the pool workers, which share the output pipes, have exited too.

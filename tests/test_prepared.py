@@ -143,14 +143,14 @@ def test_split_of_an_older_format_is_named_with_both_versions(prepared_root, tmp
         PreparedSplit(tmp_path / "val")
 
 
-def test_splits_prepared_at_another_size_or_word_len_are_named(refshapes_root, prepared_root, tmp_path):
+def test_splits_prepared_at_another_size_or_word_len_are_named(refshapes_root, prepared_root, tiny_config, tmp_path):
     from cmmasksd.config import build_config
     from cmmasksd.train import open_splits
 
     shutil.copytree(prepared_root, tmp_path / "prepared")
     shutil.rmtree(tmp_path / "prepared" / "val")
     prepare_split(Refer(refshapes_root, "unc"), "val", tmp_path / "prepared", 64, 22, progress=False)
-    config = build_config({"data": {"prepared_dir": str(tmp_path / "prepared")}, "model": "cris-tiny-rn"})
+    config = build_config(tiny_config(data__prepared_dir=str(tmp_path / "prepared")))
     with pytest.raises(ValueError, match=r"prepared/val: prepared at size 64, word_len 22, but .*prepared/train at "
                                          r"size 64, word_len 17"):
         open_splits(config)

@@ -12,12 +12,17 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+import yaml
 
+import cmmasksd.pretrain
+import pipeline.pretrain as stage
 from cmmasksd.config import PretrainConfig
 from cmmasksd.data import Refer
 from cmmasksd.data.captions import CaptionPairs, load_scenes
-from cmmasksd.model.factory import create_clip
+from cmmasksd.model.factory import create_clip, register_clip_configs
 from cmmasksd.pretrain import PROMPTS, pretrain
+from pipeline.common import REPO_ROOT
+from pipeline.params_schema import validate_params
 from pipeline.pretrain import pretrain_config
 
 TINY = {"epochs": 4, "batch_size": 8, "warmup_steps": 2, "threads": 1}
@@ -44,6 +49,7 @@ def test_an_object_pair_keeps_its_object_and_paints_the_others(refshapes_root):
     keep, other = scene.objects[0].mask, scene.objects[1].mask & ~scene.objects[0].mask
     assert np.array_equal(image[keep], scene.image[keep])
     assert (image[other] == scene.background).all() and not (scene.image[other] == scene.background).all()
+    register_clip_configs()  # else open_clip falls back to its default tokenizer (77 tokens), with a warning
     pairs = CaptionPairs([scene], open_clip.get_tokenizer("tiny-rn"))
     assert len(pairs) == 1 + len(scene.objects)
     decoded = open_clip.decode(pairs[1]["tokens"]).replace("<start_of_text>", "").split("<end_of_text>")[0].strip()
@@ -65,6 +71,7 @@ def _config(root: Path, tmp: Path, **changes) -> PretrainConfig:
     return PretrainConfig(raw_dir=root, out=tmp / "clip.pt", work_dir=tmp / "work", **{**TINY, **changes})
 
 
+@pytest.mark.slow
 def test_pretrain_writes_open_clip_weights_and_measures_them(refshapes_root, tmp_path):
     metrics = pretrain(_config(refshapes_root, tmp_path))
     loaded = open_clip.create_model("tiny-rn", pretrained=str(tmp_path / "clip.pt"))
@@ -78,6 +85,7 @@ def test_pretrain_writes_open_clip_weights_and_measures_them(refshapes_root, tmp
     assert metrics["chance"]["object_top1"] == 1 / 36
 
 
+@pytest.mark.slow
 def test_a_killed_pretraining_resumes_to_the_same_weights(refshapes_root, tmp_path):
     whole = tmp_path / "whole"
     pretrain(_config(refshapes_root, whole))
@@ -100,11 +108,29 @@ def test_a_killed_pretraining_resumes_to_the_same_weights(refshapes_root, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_stage_params_are_validated_by_key(tmp_path):
-    with pytest.raises(ValueError, match=r"`pretrain.epochs`: Input should be greater than or equal to 1"):
-        pretrain_config({"pretrain": {"dataset": "refshapes", "epochs": 0}})
-    with pytest.raises(ValueError, match=r"`pretrain.epoch`: Extra inputs are not permitted"):
-        pretrain_config({"pretrain": {"epoch": 3}})
+def test_stage_params_are_validated_by_key(tmp_path, monkeypatch):
+    """Bad `pretrain` settings stop the stage with the key path, before it trains."""
+    def trained(*args, **kwargs):
+        raise AssertionError("the stage trained with bad params")
+
+    monkeypatch.setattr(cmmasksd.pretrain, "pretrain", trained)
+    path = tmp_path / "params.yaml"
+    for settings, message in (({"dataset": "refshapes", "epochs": 0}, r"`pretrain.epochs`: Input should be greater "
+                                                                       r"than or equal to 1"),
+                              ({"epoch": 3}, r"`pretrain.epoch`: Extra inputs are not permitted")):
+        path.write_text(yaml.safe_dump({"pretrain": settings}))
+        with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+            stage.main(["--params", str(path), "--metrics", str(tmp_path / "pretrain.json")])
+    assert not (tmp_path / "pretrain.json").exists()
+
+
+def test_stage_config_is_the_validated_settings_with_paths_in_the_repo():
+    config = pretrain_config(validate_params({"pretrain": {"dataset": "refshapes", "epochs": 2}}))
+    defaults = validate_params({}).pretrain
+    assert config.epochs == 2 and (config.batch_size, config.lr) == (defaults.batch_size, defaults.lr)
+    assert config.raw_dir == REPO_ROOT / "data" / "raw" / "refshapes"
+    assert config.out.is_absolute() and config.out.is_relative_to(REPO_ROOT)
+    assert config.work_dir == REPO_ROOT / "runs" / "pretrain"
 
 
 def test_a_missing_weights_file_is_named():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,7 +27,7 @@ from PIL import Image
 from cmmasksd.config import MaskSDConfig
 from cmmasksd.metrics import summarize
 from cmmasksd.stats import compare_tables
-from pipeline.report import main, published_table
+from pipeline.report import main, next_steps, published_table
 from pipeline.report.figures import heatmap_values
 from pipeline.report.load import load_trials
 from pipeline.report.tables import Sweep, axis_sections
@@ -83,7 +84,8 @@ def log_trial(client, experiment_id, parent_id, tmp_path, variant, status="FINIS
         "cmmasksd.overrides": json.dumps(overrides, sort_keys=True)})
     run_id = run.info.run_id
     masksd = {f"masksd.{k}": v for k, v in MaskSDConfig().model_dump().items()}
-    params = {**masksd, "optim.lr": 0.002, **overrides, "seed": seed, "model.clip": "tiny"}
+    params = {**masksd, "optim.lr": 0.002, **overrides, "seed": seed, "model.clip": "tiny",
+              "runtime.device": "cpu", "runtime.precision": "fp32", "runtime.threads": 1}
     tables = {"val": per_expression(variant, seed), "testA": per_expression(variant, seed, shift=10)}
     final = {f"final/{split}/{k}": v for split, t in tables.items()
              for k, v in summarize(t["inter"].to_numpy(), t["union"].to_numpy()).items()}
@@ -122,11 +124,21 @@ def report(tmp_path_factory):
             log_trial(client, experiment_id, parent_id, tmp_path, variant, seed=seed)
     failed_id = log_trial(client, experiment_id, parent_id, tmp_path, FAILED, status="FAILED")
     sweep_file = tmp_path / "sweep.json"
-    sweep_file.write_text(json.dumps({"experiment": "cmmasksd", "parent_run_id": parent_id, "tracking_uri": uri}))
+    sweep_file.write_text(json.dumps({"experiment": "cmmasksd", "experiment_id": experiment_id,
+                                      "parent_run_id": parent_id, "tracking_uri": uri}))  # as the sweep writes it
     out = tmp_path / "reports"
     (tmp_path / "params.yaml").write_text(f"report:\n  bootstrap_samples: {N_BOOT}\n  bootstrap_seed: 3\n")
     assert main(["--sweep-file", str(sweep_file), "--out", str(out), "--params", str(tmp_path / "params.yaml")]) == 0
-    return SimpleNamespace(out=out, failed_id=failed_id, uri=uri, parent_id=parent_id, tmp=tmp_path)
+    return SimpleNamespace(out=out, failed_id=failed_id, uri=uri, parent_id=parent_id, tmp=tmp_path,
+                           experiment_id=experiment_id)
+
+
+def sweep_file_for(report, parent_id: str, tmp_path) -> Path:
+    """A `sweep.json` as the sweep stage writes it, for another parent run in the report's store."""
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps({"experiment": "cmmasksd", "experiment_id": report.experiment_id,
+                                "parent_run_id": parent_id, "tracking_uri": report.uri}))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +271,8 @@ def test_heatmap_shows_the_planted_cells_in_their_colours(report):
     mean, _, best = heatmap_values(sections["mask_ratio"])
     assert best == ("0.25", "0.3")
     assert mean.loc["0.25", "0.3"] == pytest.approx(100 * planted("both r_v=0.25").mean())
-    pixels = np.asarray(Image.open(report.out / "heatmap_mask_ratio.png").convert("RGB")).reshape(-1, 3).astype(int)
+    pixels = np.asarray(Image.open(report.out / "figures" / "heatmap_mask_ratio.png").convert("RGB"))
+    pixels = pixels.reshape(-1, 3).astype(int)
     values = mean.to_numpy(dtype=float)
     norm = Normalize(np.nanmin(values), np.nanmax(values))
     for value in values[~np.isnan(values)]:
@@ -273,6 +286,7 @@ def test_markdown_lists_missing_runs_and_the_bootstrap_it_used(report):
     missing = md.split("## Missing trials")[1]
     assert report.failed_id in missing and "FAILED" in missing
     assert "f00df00df00d" in md and "abc123" in md  # the code identity behind the numbers
+    assert "trained in fp32 on cpu." in md  # as the trials recorded it (`runtime.*` params)
 
 
 def test_latex_is_one_booktabs_tabular_per_table(report):
@@ -289,7 +303,9 @@ def test_latex_is_one_booktabs_tabular_per_table(report):
 def test_reports_and_summary_are_attached_to_the_sweep_run(report):
     client = MlflowClient(report.uri)
     names = {f.path for f in client.list_artifacts(report.parent_id, "reports")}
-    assert {"reports/ablation.md", "reports/metrics.json", "reports/heatmap_lambda.png"} <= names
+    assert {"reports/ablation.md", "reports/metrics.json", "reports/figures"} <= names
+    figures = {f.path for f in client.list_artifacts(report.parent_id, "reports/figures")}
+    assert {"reports/figures/heatmap_lambda.png", "reports/figures/heatmap_mask_ratio.png"} <= figures
     parent = client.get_run(report.parent_id)
     assert parent.data.metrics["summary/baseline_val_miou"] == pytest.approx(planted("cris").mean())
     assert parent.data.tags["cmmasksd.best_variant"] == "cris optim.lr=0.001"
@@ -304,7 +320,19 @@ def test_metrics_json_for_dvc(report):
     assert metrics["best_val_miou"] == pytest.approx(best.mean())
     assert metrics["best_delta_miou"] == pytest.approx(best.mean() - baseline.mean())
     assert metrics["best_delta_ci_low"] > 0 and metrics["best_delta_significant"] is False
-    assert metrics["placeholder_figures"] == 2  # no logged overlays in this synthetic sweep
+    assert metrics["figures"] == 3  # two grid heatmaps and the learning curves: no overlays were logged
+
+
+def test_figures_are_what_the_sweep_can_draw_and_nothing_else(report):
+    """One heatmap per two-key grid table with cells, the learning curves; no overlay was logged, so
+    none is written (no placeholder either)."""
+    figures = sorted(p.name for p in (report.out / "figures").iterdir())
+    assert figures == ["heatmap_lambda.png", "heatmap_mask_ratio.png", "learning_curves.png"]
+    assert all(Image.open(report.out / "figures" / name).format == "PNG" for name in figures)
+    md = (report.out / "ablation.md").read_text()
+    assert "Figures: `figures/heatmap_lambda.png`, `figures/heatmap_mask_ratio.png`, `figures/learning_curves.png`" in md
+    assert "overlays" not in md.split("Figures:")[1].split("\n")[0]
+    assert not list(report.out.glob("*.png"))  # nothing beside the folder
 
 
 def test_a_sweep_with_no_finished_trial_still_reports(report, tmp_path):
@@ -312,14 +340,13 @@ def test_a_sweep_with_no_finished_trial_still_reports(report, tmp_path):
     experiment_id = client.get_experiment_by_name("cmmasksd").experiment_id
     parent_id = client.create_run(experiment_id, run_name="empty sweep").info.run_id
     failed_id = log_trial(client, experiment_id, parent_id, tmp_path, FAILED, status="FAILED")
-    sweep_file = tmp_path / "sweep.json"
-    sweep_file.write_text(json.dumps({"parent_run_id": parent_id, "tracking_uri": report.uri}))
+    sweep_file = sweep_file_for(report, parent_id, tmp_path)
     assert main(["--sweep-file", str(sweep_file), "--out", str(tmp_path / "out")]) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["n_trials"] == 0 and metrics["n_failed"] == 1 and metrics["best_val_miou"] is None
-    assert metrics["placeholder_figures"] == 5
+    assert metrics["figures"] == 0 and list((tmp_path / "out" / "figures").iterdir()) == []  # nothing drawn
     md = (tmp_path / "out" / "ablation.md").read_text()
-    assert failed_id in md and "Placeholders (nothing to draw in this sweep)" in md
+    assert failed_id in md and "Figures: none (nothing in this sweep to draw)." in md
 
 
 def test_published_numbers_sit_beside_ours_on_real_datasets_only(report):
@@ -333,7 +360,7 @@ def test_published_numbers_sit_beside_ours_on_real_datasets_only(report):
     assert "Published numbers" not in (report.out / "ablation.md").read_text()  # the fixture is RefShapes
 
 
-def test_overlays_of_a_variant_are_copied_from_its_first_seed(report, tmp_path):
+def test_overlays_of_a_variant_are_copied_from_its_first_seed(report, tmp_path, capsys):
     client = MlflowClient(report.uri)
     trials = load_trials(report.uri, report.parent_id)
     first = trials[trials["variant"] == "cris"].sort_values("seed")["run_id"].iloc[0]
@@ -341,14 +368,25 @@ def test_overlays_of_a_variant_are_copied_from_its_first_seed(report, tmp_path):
     Image.new("RGB", (40, 20), (0, 200, 0)).save(figure)
     client.log_artifact(first, str(figure), artifact_path="figures")
     out = tmp_path / "out"
-    sweep_file = tmp_path / "sweep.json"
-    sweep_file.write_text(json.dumps({"parent_run_id": report.parent_id, "tracking_uri": report.uri}))
+    sweep_file = sweep_file_for(report, report.parent_id, tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text("report:\n  bootstrap_samples: 200\n")
+    capsys.readouterr()
     assert main(["--sweep-file", str(sweep_file), "--out", str(out), "--params", str(params)]) == 0
-    assert (out / "overlays_baseline.png").read_bytes() == figure.read_bytes()
+    assert (out / "figures" / "overlays_baseline.png").read_bytes() == figure.read_bytes()
+    assert not (out / "figures" / "overlays_best.png").exists()  # the best variant logged none: not drawn
     md = (out / "ablation.md").read_text()
-    assert "`overlays_best.png`." in md.split("Placeholders")[1] and "overlays_baseline" not in md.split("Placeholders")[1]
+    listed = md.split("Figures:")[1].split("\n")[0]
+    assert "`figures/overlays_baseline.png`" in listed and "overlays_best" not in listed
+
+    # what the stage prints: where the results are, the headline, and how to open the runs in MLflow
+    printed = capsys.readouterr().out
+    assert f"Tables: {out / 'ablation.md'} (also .csv, .tex); figures: {out / 'figures'}/" in printed
+    assert f"CRIS baseline val mIoU {100 * planted('cris').mean():.1f}" in printed
+    assert f"mlflow ui --backend-store-uri {report.uri} --host 127.0.0.1 --port 5000" in printed
+    assert (f"http://127.0.0.1:5000/#/experiments/{report.experiment_id}?workflowType=machine_learning"
+            in printed)
+    assert "{" not in printed  # not a JSON dump
 
 
 def test_list_valued_overrides_make_their_own_table_rows():
@@ -361,3 +399,10 @@ def test_list_valued_overrides_make_their_own_table_rows():
     rows = section.table[section.table["metric"] == "miou"]
     assert dict(zip(rows["row"], rows["variant"])) == {"[5]": "cris", "[3]": "cris optim.milestones=[3]"}
     assert rows.set_index("row").loc["[3]", "delta"] == pytest.approx(0.02)
+
+
+def test_next_steps_link_a_tracking_server_without_its_credentials(tmp_path):
+    sweep = {"tracking_uri": "https://user:s3cret@mlflow.example:5000/", "experiment_id": "12"}
+    text = next_steps(tmp_path, {"baseline_val_miou": None}, sweep)
+    assert text.splitlines()[-1] == "MLflow: https://mlflow.example:5000/#/experiments/12?workflowType=machine_learning"
+    assert "s3cret" not in text and "CRIS baseline" not in text  # no headline without a baseline

@@ -28,7 +28,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from test_pipeline import make_repo
+from helpers import make_repo
 
 PROJECT = Path(__file__).resolve().parent.parent
 PACKAGES = ("cmmasksd", "pipeline")
@@ -44,6 +44,7 @@ UNPICKLERS = {"pickle.load", "pickle.loads", "pickle.Unpickler", "_pickle.load",
 SHELLS = {"os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput"}
 EVALS = {"eval", "exec", "builtins.eval", "builtins.exec"}
 YAML_UNSAFE = {"yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all", "yaml.full_load_all"}
+RUAMEL_SAFE = ("rt", "safe", "base")  # ruamel.yaml's YAML(typ=...) that construct no arbitrary objects
 
 
 def _aliases(tree: ast.Module) -> dict[str, str]:
@@ -76,6 +77,13 @@ def _dotted(node: ast.expr, aliases: dict[str, str]) -> str | None:
     return ".".join(reversed(parts))
 
 
+def _root(node: ast.expr) -> str | None:
+    """The name a chain starts from: `yaml` for `yaml.load`."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
 def _is_true(node: ast.expr) -> bool:
     return isinstance(node, ast.Constant) and node.value is True
 
@@ -101,6 +109,8 @@ def unsafe_calls(source: str, filename: str = "<string>", allow_unpickler: bool 
         if not isinstance(node, ast.Call):
             continue
         name = _dotted(node.func, aliases)
+        if name is not None and "." in name and _root(node.func) not in aliases:
+            name = None  # a method of a local object (`yaml = YAML(); yaml.load(text)`), not a module's function
         keywords = {k.arg: k.value for k in node.keywords if k.arg is not None}
         spread = any(k.arg is None for k in node.keywords)  # **kwargs: cannot be checked
         if "shell" in keywords and not _is_false(keywords["shell"]):
@@ -115,6 +125,10 @@ def unsafe_calls(source: str, filename: str = "<string>", allow_unpickler: bool 
             flag(node, f"{name}() unpickles (use cmmasksd.data.safe_pickle.load_pickle)")
         elif name in YAML_UNSAFE:
             flag(node, f"{name}() builds arbitrary objects (use yaml.safe_load)")
+        elif name == "ruamel.yaml.YAML":  # its round-trip and safe loaders build no Python objects
+            typ = keywords.get("typ", node.args[0] if node.args else None)
+            if spread or (typ is not None and not (isinstance(typ, ast.Constant) and typ.value in RUAMEL_SAFE)):
+                flag(node, f"{name}(typ={ast.unparse(typ) if typ is not None else '**'}) may build arbitrary objects")
         elif name in ("yaml.load", "yaml.load_all"):
             loader = keywords.get("Loader", node.args[1] if len(node.args) > 1 else None)
             if loader is None or _dotted(loader, aliases) not in ("yaml.SafeLoader", "yaml.CSafeLoader"):
@@ -194,6 +208,11 @@ def test_the_static_check_flags_bad_code_and_passes_good_code():
     assert "bad.py:8: torch.load() without weights_only=True" in found
     assert "bad.py:12: subprocess.run(shell=True)" in found
     assert unsafe_calls(GOOD, "good.py") == []
+    # ruamel.yaml (how the package edits dvc.yaml): a local named `yaml` is not PyYAML; an unsafe typ is flagged
+    ruamel = "from ruamel.yaml import YAML\n\ndef read(text):\n    yaml = YAML()\n    return yaml.load(text)\n"
+    assert unsafe_calls(ruamel) == []
+    assert unsafe_calls("from ruamel.yaml import YAML\nYAML(typ='unsafe').load(text)\n", "r.py") == [
+        "r.py:2: ruamel.yaml.YAML(typ='unsafe') may build arbitrary objects"]
     # the one exemption: safe_pickle.py may subclass and drive an Unpickler
     assert unsafe_calls("import pickle\nclass U(pickle.Unpickler): pass\nU(f).load()\n", allow_unpickler=True) == []
 

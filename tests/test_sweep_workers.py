@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_pipeline import COST, FINALS, TRIALS_COLUMNS, child_runs, make_repo, run_stage
+from helpers import COST, FINALS, TRIALS_COLUMNS, child_runs, make_repo, run_stage
 
 from cmmasksd.predict import load_checkpoint
 

@@ -13,8 +13,8 @@ import pandas as pd
 import psutil
 import pytest
 
+from helpers import child_runs, make_repo, rest, run_stage
 from mlflow_server import MlflowServer, free_port
-from test_pipeline import child_runs, make_repo, rest, run_stage
 
 pytestmark = pytest.mark.slow
 

@@ -12,35 +12,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import Interrupt, stop_after
 from PIL import Image
 from scipy import ndimage
 
 from cmmasksd.config import build_config, deep_merge, load_config, read_profile
 from cmmasksd.data import PreparedSplit
+from cmmasksd.identity import run_identity
 from cmmasksd.metrics import METRIC_NAMES, ious, summarize
 from cmmasksd.model import parameter_report
 from cmmasksd.predict import load_checkpoint, predict_mask
-from cmmasksd.train import CHECKPOINT_DIR, train
+from cmmasksd.train import BEST, CHECKPOINT_DIR, LAST, train
 from cmmasksd.visualize import GT_COLOUR, PRED_COLOUR, load_rgb
 
 SPLITS = ("testA", "testB", "val")
-
-
-def tiny_config(prepared_root: Path, out_dir: Path, **masksd) -> dict:
-    return {
-        "data": {"prepared_dir": str(prepared_root), "max_train_objects": 32, "max_eval_expressions": 16},
-        "model": "cris-tiny-rn",
-        "masksd": {"branches": "both", **masksd},
-        "optim": {"optimizer": "adamw", "lr": 2e-3, "backbone_lr": 2e-3, "epochs": 3, "milestones": [2],
-                  "batch_size": 8},
-        "threads": 2,
-        "out_dir": str(out_dir),
-        "num_overlays": 2,
-    }
-
-
-class Interrupt(Exception):
-    pass
 
 
 # ---- reading the figures back: what they show, not just that they are PNGs ----------------------
@@ -116,8 +101,33 @@ def assert_overlays_show_the_picks(path: Path, split: PreparedSplit, table: pd.D
         assert any(fits), f"overlay row {row} (IoU {iou:.2f}) shows none of the expressions with that IoU"
 
 
-def test_train_writes_results_tables_and_figures(prepared_root, tmp_path):
-    config = build_config(tiny_config(prepared_root, tmp_path / "run"))
+# One step per epoch: 8 training objects at the debug profile's batch of 8.
+ONE_STEP = {"data.max_train_objects": 8, "data.max_eval_expressions": 8}
+
+
+def test_one_step_trains_evaluates_and_writes_its_files(tiny_config):
+    """The fast path through `train` (as lightning's fast_dev_run): one step, every split scored,
+    checkpoints, tables, figures and results.json written, and the run's identity recorded."""
+    config = build_config(tiny_config(**ONE_STEP, optim__epochs=1, run__num_overlays=1))
+    result = train(config)
+    out = Path(config.run.out_dir)
+    assert [h["epoch"] for h in result.history] == [1] and result.best_epoch == 1
+    assert set(result.final) == set(SPLITS) and all(set(m) == set(METRIC_NAMES) for m in result.final.values())
+    assert all(len(result.per_expression[s].read_text().splitlines()) == 1 + 8 for s in SPLITS)
+    assert [figure.name for figure in result.figures] == ["learning_curves.png", "overlays_val.png"]
+    assert result.identity == run_identity(config, "cpu")  # the config without `run`, as this machine runs it
+    assert result.cost["bf16"] == float(result.identity["runtime"]["precision"] == "bf16")
+    last = torch.load(out / CHECKPOINT_DIR / LAST, weights_only=True)
+    assert last["identity"] == result.identity and "fingerprint" not in last
+    best = load_checkpoint(out / CHECKPOINT_DIR / BEST)
+    assert best.config == config
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["best_epoch"] == 1 and saved["identity"] == result.identity
+
+
+@pytest.mark.slow
+def test_train_writes_results_tables_and_figures(tiny_config, prepared_root, tmp_path):
+    config = build_config(tiny_config(tmp_path / "run"))
     seen = []
     result = train(config, on_epoch=lambda report: seen.append(report.epoch))
 
@@ -154,19 +164,15 @@ def test_train_writes_results_tables_and_figures(prepared_root, tmp_path):
     assert saved["final"]["val"]["miou"] == pytest.approx(result.final["val"]["miou"])
 
 
-def test_resumed_run_ends_with_the_same_weights(prepared_root, tmp_path):
+@pytest.mark.slow
+def test_resumed_run_ends_with_the_same_weights(tiny_config, tmp_path):
     """Interrupt after epoch 1, restart with the same out_dir: same weights as an uninterrupted run."""
-    straight = build_config(tiny_config(prepared_root, tmp_path / "straight", strategy="corr_sample"))
+    straight = build_config(tiny_config(tmp_path / "straight", masksd__strategy="corr_sample"))
     train(straight)
 
-    resumed_cfg = build_config(tiny_config(prepared_root, tmp_path / "resumed", strategy="corr_sample"))
-
-    def stop_after_first(report):
-        if report.epoch == 1:
-            raise Interrupt
-
+    resumed_cfg = build_config(tiny_config(tmp_path / "resumed", masksd__strategy="corr_sample"))
     with pytest.raises(Interrupt):
-        train(resumed_cfg, on_epoch=stop_after_first)
+        train(resumed_cfg, on_epoch=stop_after(1))
     epochs_after_restart = []
     train(resumed_cfg, on_epoch=lambda report: epochs_after_restart.append(report.epoch))
     assert epochs_after_restart == [2, 3]
@@ -181,12 +187,29 @@ def test_resumed_run_ends_with_the_same_weights(prepared_root, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_resume_refuses_a_different_config(prepared_root, tmp_path):
-    train(build_config(tiny_config(prepared_root, tmp_path / "run") | {"optim": {"epochs": 1, "milestones": [],
-                                                                                 "batch_size": 8}}))
-    changed = build_config(tiny_config(prepared_root, tmp_path / "run", mask_ratio_v=0.25))
-    with pytest.raises(ValueError, match="different config"):
+def test_resume_refuses_a_different_config_and_names_what_differs(tiny_config, tmp_path):
+    one_epoch = {**ONE_STEP, "optim.epochs": 1, "optim.milestones": [], "run.num_overlays": 0}
+    train(build_config(tiny_config(tmp_path / "run", **one_epoch)))
+    changed = build_config(tiny_config(tmp_path / "run", **one_epoch, masksd__mask_ratio_v=0.25))
+    with pytest.raises(ValueError, match=r"last\.pt: holds another run \(it differs in masksd\.mask_ratio_v: "
+                                         r"0\.5 -> 0\.25\)"):
         train(changed)
+    fewer_threads = build_config(tiny_config(tmp_path / "run", **one_epoch, threads=1))  # 1 and 2 threads differ
+    with pytest.raises(ValueError, match=r"differs in runtime\.threads: 2 -> 1\)"):
+        train(fewer_threads)
+
+
+def test_resume_continues_a_run_that_differs_only_in_where_it_executes(tiny_config, tmp_path):
+    """`run` (output folder, loader workers, overlays) is not part of the identity: a checkpoint
+    resumes a run that changed it, even when the folder moved."""
+    two_epochs = {**ONE_STEP, "optim.epochs": 2, "optim.milestones": [], "run.num_overlays": 0}
+    with pytest.raises(Interrupt):
+        train(build_config(tiny_config(tmp_path / "run", **two_epochs)), on_epoch=stop_after(1))
+    (tmp_path / "run").rename(tmp_path / "moved")
+    epochs = []
+    result = train(build_config(tiny_config(tmp_path / "moved", **two_epochs, run__num_overlays=1)),
+                   on_epoch=lambda report: epochs.append(report.epoch))
+    assert epochs == [2] and [f.name for f in result.figures] == ["learning_curves.png", "overlays_val.png"]
 
 
 def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
@@ -207,10 +230,11 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_cli_train_evaluate_predict(prepared_root, refshapes_root, tmp_path):
+@pytest.mark.slow
+def test_cli_train_evaluate_predict(tiny_config, prepared_root, refshapes_root, tmp_path):
     """The documented commands: train, then evaluate and predict from the saved checkpoint."""
-    config = _write(tmp_path / "cfg.yaml", json.dumps(tiny_config(prepared_root, tmp_path / "run") |
-                                                      {"optim": {"epochs": 1, "milestones": [], "batch_size": 8}}))
+    config = _write(tmp_path / "cfg.yaml", json.dumps(tiny_config(tmp_path / "run", optim__epochs=1,
+                                                                  optim__milestones=[])))
     cli = [sys.executable, "-m", "cmmasksd.cli"]
     subprocess.run([*cli, "train", "--config", str(config)], check=True, capture_output=True, text=True)
     checkpoint = tmp_path / "run" / CHECKPOINT_DIR / "best.pt"
@@ -276,32 +300,31 @@ def test_profile_overrides_merge_section_by_section():
         read_profile("no-such-profile")
 
 
-def test_bf16_autocast_only_where_the_cpu_has_it_and_runs_stay_deterministic(prepared_root, tmp_path, monkeypatch):
-    short = {"optim": {"epochs": 1, "milestones": []}, "num_overlays": 0, "masksd": {"branches": "none"}}
-    plain = train(build_config(deep_merge(tiny_config(prepared_root, tmp_path / "fp32"), short)))
+@pytest.mark.slow
+def test_bf16_autocast_only_where_the_cpu_has_it_and_runs_stay_deterministic(tiny_config, tmp_path, monkeypatch):
+    short = {"optim.epochs": 1, "optim.milestones": [], "run.num_overlays": 0, "masksd.branches": "none"}
+    plain = train(build_config(tiny_config(tmp_path / "fp32", **short)))
     assert plain.cost["bf16"] == float(torch.cpu._is_avx512_bf16_supported())
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # as on a CPU with avx512_bf16
-    runs = [train(build_config(deep_merge(tiny_config(prepared_root, tmp_path / f"bf16-{i}"), short))) for i in range(2)]
+    # as on a CPU with avx512_bf16 (the decision lives in `cmmasksd.identity.native_bf16`)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    runs = [train(build_config(tiny_config(tmp_path / f"bf16-{i}", **short))) for i in range(2)]
     assert [r.cost["bf16"] for r in runs] == [1.0, 1.0]
+    assert [r.identity["runtime"]["precision"] for r in runs] == ["bf16", "bf16"]
     assert runs[0].history[0]["train/loss"] == runs[1].history[0]["train/loss"]
     assert runs[0].final == runs[1].final
-    off = deep_merge(tiny_config(prepared_root, tmp_path / "off"), {**short, "optim": {**short["optim"], "amp": False}})
-    assert train(build_config(off)).cost["bf16"] == 0.0
+    off = train(build_config(tiny_config(tmp_path / "off", **short, optim__amp=False)))
+    assert off.cost["bf16"] == 0.0 and off.identity["runtime"]["precision"] == "fp32"
 
 
-def test_bf16_run_interrupted_and_resumed_ends_with_the_same_weights(prepared_root, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_bf16_run_interrupted_and_resumed_ends_with_the_same_weights(tiny_config, tmp_path, monkeypatch):
     """The AMP path on the CPU (bf16 autocast + channels_last, as on a CPU with avx512_bf16) resumes exactly."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    two = {"optim": {"epochs": 2, "milestones": []}, "num_overlays": 0}
-    straight = train(build_config(deep_merge(tiny_config(prepared_root, tmp_path / "straight"), two)))
-    config = build_config(deep_merge(tiny_config(prepared_root, tmp_path / "resumed"), two))
-
-    def stop_after_first(report):
-        if report.epoch == 1:
-            raise Interrupt
-
+    two = {"optim.epochs": 2, "optim.milestones": [], "run.num_overlays": 0}
+    straight = train(build_config(tiny_config(tmp_path / "straight", **two)))
+    config = build_config(tiny_config(tmp_path / "resumed", **two))
     with pytest.raises(Interrupt):
-        train(config, on_epoch=stop_after_first)
+        train(config, on_epoch=stop_after(1))
     resumed = train(config)
     assert straight.cost["bf16"] == resumed.cost["bf16"] == 1.0
     a = torch.load(tmp_path / "straight" / CHECKPOINT_DIR / "last.pt", weights_only=True)["model"]
@@ -310,7 +333,7 @@ def test_bf16_run_interrupted_and_resumed_ends_with_the_same_weights(prepared_ro
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_compile_wraps_the_training_step_and_is_part_of_the_run(prepared_root, tmp_path, monkeypatch):
+def test_compile_wraps_the_training_step_and_is_part_of_the_run(tiny_config, tmp_path, monkeypatch):
     """`compile: true` hands the step to torch.compile (stubbed here: compiling takes minutes on the
     CPU); a compiled run draws other dropout numbers, so it does not resume an eager one."""
     from cmmasksd.distributed import TrainingStep
@@ -322,8 +345,8 @@ def test_compile_wraps_the_training_step_and_is_part_of_the_run(prepared_root, t
         return module
 
     monkeypatch.setattr(torch, "compile", record)
-    one_epoch = {"optim": {"epochs": 1, "milestones": [], "batch_size": 8}, "num_overlays": 0}
-    train(build_config(deep_merge(tiny_config(prepared_root, tmp_path / "run"), {**one_epoch, "compile": True})))
+    one_epoch = {**ONE_STEP, "optim.epochs": 1, "optim.milestones": [], "run.num_overlays": 0}
+    train(build_config(tiny_config(tmp_path / "run", **one_epoch, compile=True)))
     assert len(compiled) == 1 and isinstance(compiled[0], TrainingStep)
-    with pytest.raises(ValueError, match="different config"):
-        train(build_config(deep_merge(tiny_config(prepared_root, tmp_path / "run"), one_epoch)))
+    with pytest.raises(ValueError, match=r"differs in compile: True -> False\)"):
+        train(build_config(tiny_config(tmp_path / "run", **one_epoch)))

@@ -12,20 +12,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import debug_config
 from mlflow.tracking import MlflowClient
 
-import pipeline.trial as sweep_stage
-from pipeline.tracking import ROLE, TRIAL_ID, ensure_experiment
+import pipeline.trial as trial_stage
+from pipeline.contract import FINISHED, METRIC, ROLE, RUN_ID, TRIAL_ID, variant_key
+from pipeline.tracking import ensure_experiment
+from pipeline.trial import SweepSpec, Trial
 
 
-def trial_spec(prepared_root: Path, uri: str, experiment_id: str, parent: str, branches: str) -> dict:
-    """What the sweep hands a one-worker trial (the fields `run_trial` reads)."""
-    return {
-        "base": {"model": "cris-tiny-rn", "optim": {"epochs": 2}}, "prepared_dir": str(prepared_root),
-        "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent, "identity": {}, "threads": 1,
-        "workers": 1, "trial": {"name": branches, "overrides": {"masksd.branches": branches, "seed": 0}},
-        "dataset": {"name": "refshapes", "digest": "0" * 64, "path": str(prepared_root), "profile": {}},
-    }
+def trial_space(prepared_root: Path, uri: str, experiment_id: str, parent: str, branches: str) -> dict:
+    """What Tune hands a one-worker trial: the sweep's `SweepSpec` and the trial's `Trial`."""
+    spec = SweepSpec(
+        base=debug_config(prepared_root, ".", optim__epochs=2), prepared_dir=str(prepared_root), threads=1,
+        tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent, tags={},
+        dataset={"name": "refshapes", "digest": "0" * 64, "path": str(prepared_root), "profile": {}})
+    overrides = {"masksd.branches": branches}
+    return {"spec": spec, "trial": Trial(branches, variant_key(overrides), overrides, seed=0)}
 
 
 class FakeTune:
@@ -80,12 +83,12 @@ def test_a_trial_whose_mlflow_run_finished_reports_it_and_trains_nothing(prepare
 
     monkeypatch.setattr("cmmasksd.train.train", no_training)
     monkeypatch.chdir(tmp_path)
-    sweep_stage.run_trial(trial_spec(prepared_root, uri, experiment_id, parent, "both"))
+    trial_stage.run_trial(trial_space(prepared_root, uri, experiment_id, parent, "both"))
 
     assert len(fake.reports) == 1
     metrics, files = fake.reports[0]
-    assert metrics[sweep_stage.FINISHED] is True and metrics["mlflow_run_id"] == finished
-    assert metrics[sweep_stage.METRIC] == pytest.approx(0.42) and metrics["epoch"] == 2
+    assert metrics[FINISHED] is True and metrics[RUN_ID] == finished
+    assert metrics[METRIC] == pytest.approx(0.42) and metrics["epoch"] == 2
     assert metrics["final/testA/miou"] == pytest.approx(0.40) and "cost/step_time_s" in metrics
     assert files == ["best.pt", "epoch.json"]  # the finished trial keeps its best weights, not its resume state
     run = client.get_run(finished)
@@ -116,7 +119,11 @@ def test_the_same_trial_with_an_unfinished_run_trains(prepared_root, tmp_path, m
     monkeypatch.setattr("cmmasksd.train.train", training)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Trained):
-        sweep_stage.run_trial(trial_spec(prepared_root, uri, experiment_id, parent, "none"))
+        trial_stage.run_trial(trial_space(prepared_root, uri, experiment_id, parent, "none"))
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_ID}` = 'trial_00001'")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert fake.reports == []
+    params = runs[0].data.params  # the config as logged before training, with what this machine decided for it
+    assert params["masksd.branches"] == "none" and params["seed"] == "0" and params["threads"] == "1"
+    assert (params["runtime.device"], params["runtime.threads"]) == ("cpu", "1")
+    assert params["runtime.precision"] in {"bf16", "fp32"}

@@ -1,44 +1,37 @@
 """Named model configs and the one way to build a model: `create_model(name_or_config, masksd)`.
 
 As in open_clip, architectures are JSON files found by name: `cmmasksd/model_configs/*.json`
-hold `ModelConfig`s, and `cmmasksd/model_configs/clip/*.json` hold the tiny CLIP
-architectures (registered with open_clip on import, so `open_clip.create_model("tiny-rn")`
-and `open_clip.get_tokenizer("tiny-rn")` work too).
+hold `ModelConfig`s (resolved by `cmmasksd.config.get_model_config`, the config layer, which
+never imports this module), and `cmmasksd/model_configs/clip/*.json` hold the tiny CLIP
+architectures, which `register_clip_configs()` adds to open_clip (then
+`open_clip.create_model("tiny-rn")` and `open_clip.get_tokenizer("tiny-rn")` work too).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 from pathlib import Path
 
 import open_clip
 import torch
 from open_clip.model import CLIP
 
-from cmmasksd.config import MaskSDConfig, ModelConfig
+from cmmasksd.config import MODEL_CONFIG_DIR, MaskSDConfig, ModelConfig, get_model_config
 from cmmasksd.io.checkpoint import read_checkpoint, weights_mismatch
 from cmmasksd.model.backbone import ClipBackbone
 from cmmasksd.model.cris import CRIS
 from cmmasksd.model.masksd import CMMaskSD
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
-CLIP_CONFIG_DIR = CONFIG_DIR / "clip"
+CLIP_CONFIG_DIR = MODEL_CONFIG_DIR / "clip"
 
 _WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors"}
-
-open_clip.add_model_config(CLIP_CONFIG_DIR)
-
-
-def list_models() -> list[str]:
-    """Names of the shipped model configs (e.g. `cris-rn101`, `cris-tiny-rn`)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+log = logging.getLogger(__name__)
 
 
-def get_model_config(name: str) -> ModelConfig:
-    path = CONFIG_DIR / f"{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown model config {name!r}; available: {', '.join(list_models())}")
-    return ModelConfig.model_validate(json.loads(path.read_text()))
+def register_clip_configs() -> None:
+    """Add the tiny CLIP architectures to open_clip's registry (idempotent: a second call re-reads them)."""
+    open_clip.add_model_config(CLIP_CONFIG_DIR)
 
 
 def load_clip_weights(clip: CLIP, path: str | Path) -> None:
@@ -61,17 +54,33 @@ def load_clip_weights(clip: CLIP, path: str | Path) -> None:
 
 def create_clip(name: str, pretrained: str | None = None) -> CLIP:
     """An open_clip model: random init (None), a local checkpoint file, or an open_clip tag ("openai")."""
+    register_clip_configs()
     looks_like_path = (pretrained is not None and not pretrained.startswith("hf-hub:")
                        and (Path(pretrained).suffix in _WEIGHT_SUFFIXES or "/" in pretrained))
     if looks_like_path and not Path(pretrained).is_file():
         raise FileNotFoundError(f"model.pretrained: {pretrained}: no such file (for the default's tiny CLIP, "
                                 "run `dvc repro pretrain`)")
     if pretrained is None or Path(pretrained).is_file():
-        clip = open_clip.create_model(name)
+        # open_clip warns "No pretrained weights loaded ... initialized randomly" for a model built
+        # without a tag, even when we load a local file next: quiet it, and say what is loaded.
+        with _quiet_root_warnings():
+            clip = open_clip.create_model(name)
         if pretrained is not None:
             load_clip_weights(clip, pretrained)
+        log.info("CLIP %s: %s", name, f"weights from {pretrained}" if pretrained else "random initialisation")
         return clip
     return open_clip.create_model(name, pretrained=pretrained)
+
+
+@contextlib.contextmanager
+def _quiet_root_warnings():
+    """open_clip logs through the root logger: hold its WARNINGs back for the duration of a block."""
+    level = logging.root.level
+    logging.root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.root.setLevel(level)
 
 
 def create_cris(model_cfg: ModelConfig, with_mask_tokens: bool = False) -> CRIS:

@@ -87,7 +87,7 @@ def cell_grid(grid: tuple[int, int], stride: int, cell: int | None) -> tuple[int
     """The LMVSD mask grid for a backbone grid: itself, or (H/c) x (W/c) with `mask_cell` c."""
     if cell is None or cell == stride:
         return tuple(grid)
-    h, w = grid[0] * stride, grid[1] * stride  # a ResNet's input is exactly its grid x 32 px
+    h, w = grid[0] * stride, grid[1] * stride  # the input is exactly the grid x the stride
     if h % cell or w % cell:
         raise ValueError(f"mask_cell {cell} must divide the input size {h} x {w}")
     return h // cell, w // cell
@@ -116,12 +116,10 @@ class CMMaskSD(nn.Module):
 
     def __init__(self, seg: CRIS, cfg: MaskSDConfig):
         super().__init__()
-        stride = seg.backbone.patch_stride
-        if seg.backbone.is_vit and cfg.mask_cell not in (None, stride):
-            raise ValueError(f"mask_cell must be the ViT's patch size {stride} or None (a ViT masks whole tokens), "
-                             f"got {cfg.mask_cell}")
-        if cfg.vit_masking == "drop" and not seg.backbone.is_vit:
-            raise ValueError("masksd.vit_masking: drop needs a ViT backbone (a ResNet zeroes its masked cells)")
+        tower = seg.backbone.tower
+        tower.check_mask_cell(cfg.mask_cell)
+        if cfg.vit_masking == "drop" and not tower.supports_drop:
+            raise ValueError(f"masksd.vit_masking: drop needs a ViT backbone (a {tower.name} {tower.masking})")
         self.cfg = cfg
         self.seg = seg
         # Ablation of weight sharing: the masked branches get their own copy, same initialisation.

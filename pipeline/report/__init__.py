@@ -8,7 +8,9 @@ the user wrote and compares each with the CRIS baseline (`tables`, statistics fr
 
 - `ablation.md` / `ablation.tex` / `ablation.csv`: the tables for reading, for the paper
   (booktabs) and in tidy long form (one row per table, split, row, col, metric);
-- `heatmap_mask_ratio.png`, `heatmap_lambda.png`, `learning_curves.png`, overlays;
+- `figures/`: a heatmap per grid of `report.grids` the sweep filled (`heatmap_<grid>.png`),
+  `learning_curves.png`, and the logged prediction overlays of the baseline and the best variant;
+  a figure the sweep has nothing for is not written;
 - `curves/<variant>_seed<k>.csv`: each trial's val mIoU per epoch, for `dvc plots diff`;
 - `metrics.json`: flat numbers for `dvc metrics show`, also logged on the sweep's parent run.
 
@@ -26,20 +28,22 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
-from pipeline.common import load_params, section
-from pipeline.report import render
-from pipeline.report.figures import plot_heatmap, plot_learning_curves, save_note, write_curve_files
-from pipeline.report.load import download_overlay, load_curves, load_trials, missing_trials
-from pipeline.report.tables import (
+from pipeline.common import load_params
+from pipeline.contract import (
+    CODE_DIGEST,
     DEFAULT_GRIDS,
-    LONG_COLUMNS,
+    FIGURES_DIR,
+    GIT_COMMIT,
+    PRECISION,
+    RUNTIME_PARAM,
     SELECT_SPLIT,
-    Sweep,
-    axis_sections,
-    best_variant,
-    power,
-    variants_section,
+    heatmap_file,
 )
+from pipeline.report import render
+from pipeline.report.figures import plot_heatmap, plot_learning_curves, replaced_folder, write_curve_files
+from pipeline.report.load import download_overlay, load_curves, load_trials, missing_trials
+from pipeline.report.tables import LONG_COLUMNS, Section, Sweep, axis_sections, best_variant, power, variants_section
+from pipeline.tracking import experiment_url
 
 # Published mIoU (%) from shared/spec/method.md: CRIS (CVPR 2022, CLIP RN101) and CM-MaskSD (TMM 2024,
 # secondary sources, labels there are mixed). Shown beside ours when the sweep ran on a real dataset.
@@ -51,7 +55,6 @@ PUBLISHED_MIOU = {
     "refcocog": {"CRIS (RN101)": {"val": 59.87, "test": 60.36},
                  "CM-MaskSD": {"val": 66.53, "test": 66.63}},
 }
-FIGURES = {"mask_ratio": ("heatmap_mask_ratio.png", "mask-ratio grid"), "lambda": ("heatmap_lambda.png", "lambda grid")}
 
 
 def published_table(dataset: str, ours: dict[str, dict[str, float]]) -> pd.DataFrame | None:
@@ -98,11 +101,34 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _figure(path: Path, draw) -> bool:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    drawn = draw(tmp)
-    os.replace(tmp, path)
-    return drawn
+def write_figures(out: Path, sections: list[Section], sweep: Sweep | None, best, client, tracking_uri: str,
+                  trials: pd.DataFrame) -> list[str]:
+    """Every figure this sweep can draw, into `out/figures/` (replaced whole); their names."""
+    with replaced_folder(out / FIGURES_DIR) as folder:
+        for section in sections:
+            if len(section.axes) == 2 and not section.table.empty:
+                title = f"{section.name.replace('_', '-')} grid"
+                plot_heatmap(section, folder / Path(heatmap_file(section.name)).name, title)
+        branches = next((s for s in sections if s.name == "branches"), None)
+        highlight = {} if branches is None else dict(zip(branches.table["variant"], branches.table["row"]))
+        curves = load_curves(tracking_uri, trials["run_id"])
+        if not curves.empty:
+            plot_learning_curves(curves, trials, highlight, folder / "learning_curves.png")
+        write_curve_files(curves, trials, out / "curves")
+        for file, variant in (("overlays_baseline.png", sweep.baseline if sweep else None), ("overlays_best.png", best)):
+            if variant is not None:
+                download_overlay(client, variant.trials.sort_values("seed")["run_id"], folder / file)
+        return sorted(f"{FIGURES_DIR}/{p.name}" for p in folder.iterdir())
+
+
+def precision_text(tags: dict[str, str], trials: pd.DataFrame) -> str:
+    """What the trials ran in, as each recorded it (`runtime.*` params), else as the sweep decided."""
+    device, precision = f"{RUNTIME_PARAM}device", f"{RUNTIME_PARAM}precision"
+    if {device, precision} <= set(trials.columns):
+        found = sorted({f"{p} on {d}" for p, d in zip(trials[precision], trials[device])})
+        mixed = " (mixed: compare within one precision only)" if len(found) > 1 else ""
+        return " + ".join(found) + mixed
+    return tags.get(PRECISION, "a precision not recorded (logged before cmmasksd recorded it)")
 
 
 def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int = 10_000, seed: int = 0,
@@ -119,32 +145,18 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
     baseline = sweep.baseline.name if sweep and sweep.baseline else None
     best = best_variant(sweep) if sweep else None
     header = [f"Sweep: parent run `{parent_run_id}`; dataset {tags.get('dataset', '?')}, backbone "
-              f"{tags.get('backbone', '?')}; code {tags.get('cmmasksd.code_digest', '?')[:12]} "
-              f"(commit {tags.get('mlflow.source.git.commit', '?')[:12]}).",
+              f"{tags.get('backbone', '?')}; code {tags.get(CODE_DIGEST, '?')[:12]} "
+              f"(commit {tags.get(GIT_COMMIT, '?')[:12]}); trained in {precision_text(tags, trials)}.",
               f"Trials: {len(trials)} finished in {len(sweep.variants) if sweep else 0} variants, "
               f"{len(missing)} missing (listed at the end). Baseline: `{baseline}`."]
     if best is not None:
         header.append(f"Best variant on val mIoU (the selection split): `{best.name}`; its test-split deltas "
                       "are the clean estimate of its effect.")
 
-    figures = {}
-    by_name = {s.name: s for s in sections}
-    for name, (file, title) in FIGURES.items():
-        figures[file] = _figure(out / file, lambda p, s=by_name.get(name), t=title: plot_heatmap(s, p, t))
-    branches = by_name.get("branches")
-    highlight = {} if branches is None else dict(zip(branches.table["variant"], branches.table["row"]))
-    curves = load_curves(tracking_uri, trials["run_id"])
-    figures["learning_curves.png"] = _figure(out / "learning_curves.png",
-                                             lambda p: plot_learning_curves(curves, trials, highlight, p))
-    write_curve_files(curves, trials, out / "curves")
-    for file, variant in (("overlays_baseline.png", sweep.baseline if sweep else None), ("overlays_best.png", best)):
-        runs = variant.trials.sort_values("seed")["run_id"] if variant is not None else []
-        figures[file] = _figure(out / file, lambda p, r=runs, v=variant: download_overlay(client, r, p) or save_note(
-            p, f"No prediction overlays logged for {v.name if v else 'this variant'}."))
-    placeholders = [f for f, drawn in figures.items() if not drawn]
-    header.append("Figures: `" + "`, `".join(figures) + "` (val predictions: green ground truth, red prediction)."
-                  + (f" Placeholders (nothing to draw in this sweep): `{'`, `'.join(placeholders)}`."
-                     if placeholders else ""))
+    figures = write_figures(out, sections, sweep, best, client, tracking_uri, trials)
+    overlays = " (overlays: green ground truth, red prediction)" if any("overlays" in f for f in figures) else ""
+    header.append(f"Figures: `{'`, `'.join(figures)}`{overlays}." if figures else
+                  "Figures: none (nothing in this sweep to draw).")
 
     powers = {split: power(sweep, split) for split in splits}
     text = render.markdown(sections, splits, baseline, header, powers, missing, render.legend(n_boot, seed, splits))
@@ -163,7 +175,7 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
     long = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=LONG_COLUMNS)
     _write(out / "ablation.csv", long.to_csv(index=False))
     metrics = summary_metrics(sweep, best, len(trials), len(missing))
-    metrics["placeholder_figures"] = len(placeholders)
+    metrics["figures"] = len(figures)
     _write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
     numbers = [Metric(f"summary/{k}", float(v), 0, 0) for k, v in metrics.items() if v is not None]
@@ -181,11 +193,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-file", type=Path, default=Path("sweep/sweep.json"))
     parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per downloaded table is noise
     params = load_params(args.params) if args.params.exists() else validate_params({})  # none: the defaults
-    report = section(params, "report")
     sweep = json.loads(args.sweep_file.read_text())
-    grids = DEFAULT_GRIDS if report["grids"] is None else [tuple(g) for g in report["grids"]]
     metrics = build_report(sweep["tracking_uri"], sweep["parent_run_id"], args.out,
-                           n_boot=report["bootstrap_samples"], seed=report["bootstrap_seed"], grids=grids)
-    print(json.dumps(metrics, indent=2))
+                           n_boot=params.report.bootstrap_samples, seed=params.report.bootstrap_seed,
+                           grids=[tuple(g) for g in params.report.grids])
+    print(next_steps(args.out, metrics, sweep))
     return 0
+
+
+def next_steps(out: Path, metrics: dict, sweep: dict) -> str:
+    """What a person needs after the run: where the results are, the headline, how to open MLflow."""
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    lines = [f"Tables: {out / 'ablation.md'} (also .csv, .tex); figures: {out / FIGURES_DIR}/; "
+             f"`dvc metrics show` for the numbers."]
+    if metrics.get("baseline_val_miou") is not None:
+        headline = f"CRIS baseline val mIoU {pct(metrics['baseline_val_miou'])}"
+        if metrics.get("best_val_miou") is not None:
+            headline += (f"; best variant {pct(metrics['best_val_miou'])}, delta {pct(metrics['best_delta_miou'])} "
+                         f"[{pct(metrics['best_delta_ci_low'])}, {pct(metrics['best_delta_ci_high'])}] points")
+        lines.append(headline + f" ({metrics['n_seeds_baseline']} seeds; see the table for what it supports).")
+    uri = sweep["tracking_uri"]
+    if uri.startswith("sqlite:///"):
+        lines.append(f"MLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+                     f"{experiment_url('http://127.0.0.1:5000', sweep['experiment_id'])}")
+    else:
+        lines.append(f"MLflow: {experiment_url(uri, sweep['experiment_id'])}")
+    return "\n".join(lines)

@@ -1,15 +1,17 @@
 """The report's figures: grid heatmaps and learning curves (prediction overlays are copied as logged),
 and the curves as data files for `dvc plots`.
 
-DVC expects every declared figure, so when a sweep has nothing to draw the figure is a note that
-says why; each function returns whether it drew data, and the report lists the notes as such.
+Figures go into one folder (`reports/figures/`, a DVC output as a whole): a figure a sweep has
+nothing for is simply not written, and the report says which were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -17,18 +19,23 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from pipeline.contract import SELECT_SPLIT
 from pipeline.report.render import AXIS_NAMES
-from pipeline.report.tables import BRANCH_ROWS, SELECT_SPLIT, Section
+from pipeline.report.tables import BRANCH_ROWS, Section
 
 HEATMAP_CMAP = "viridis"
 
 
-def save_note(path: Path, note: str) -> bool:
-    """A placeholder figure that says why there is nothing to plot; returns False (no data drawn)."""
-    fig = Figure(figsize=(5, 2))
-    fig.text(0.5, 0.5, note, ha="center", va="center")
-    fig.savefig(path, dpi=120)
-    return False
+@contextlib.contextmanager
+def replaced_folder(directory: Path) -> Iterator[Path]:
+    """A fresh sibling folder to write into that then replaces `directory`: a report killed midway
+    leaves the old files or none, never half a folder in the DVC output."""
+    staging = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(staging, directory)
 
 
 def heatmap_values(section: Section) -> tuple[pd.DataFrame, pd.DataFrame, tuple]:
@@ -40,10 +47,8 @@ def heatmap_values(section: Section) -> tuple[pd.DataFrame, pd.DataFrame, tuple]
     return mean, std, (best["row"], best["col"])
 
 
-def plot_heatmap(section: Section | None, path: Path, title: str) -> bool:
+def plot_heatmap(section: Section, path: Path, title: str) -> None:
     """Val mIoU over a grid, every cell annotated, the best one starred and outlined."""
-    if section is None or section.table.empty:
-        return save_note(path, f"No {title} in this sweep.")
     mean, std, best = heatmap_values(section)
     rows, cols = section.axes
     fig = Figure(figsize=(5.5, 4.5), layout="constrained")
@@ -68,13 +73,10 @@ def plot_heatmap(section: Section | None, path: Path, title: str) -> bool:
     fixed = f" ({', '.join(f'{k}={v}' for k, v in section.fixed.items())})" if section.fixed else ""
     ax.set_title(f"{title}: val mIoU{fixed} (★ best)", fontsize="medium")
     fig.savefig(path, dpi=120)
-    return True
 
 
-def plot_learning_curves(curves: pd.DataFrame, trials: pd.DataFrame, highlight: dict[str, str], path: Path) -> bool:
+def plot_learning_curves(curves: pd.DataFrame, trials: pd.DataFrame, highlight: dict[str, str], path: Path) -> None:
     """Val mIoU per epoch, mean over seeds: the branch-table variants in colour, the rest in grey."""
-    if curves.empty:
-        return save_note(path, "No val/miou history in this sweep.")
     mean = (curves.merge(trials[["run_id", "variant"]], on="run_id")
             .groupby(["variant", "step"])["value"].mean() * 100)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
@@ -93,23 +95,15 @@ def plot_learning_curves(curves: pd.DataFrame, trials: pd.DataFrame, highlight: 
     if highlight:
         ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
-    return True
 
 
 def write_curve_files(curves: pd.DataFrame, trials: pd.DataFrame, directory: Path) -> int:
     """One CSV per trial (`epoch,val_miou`) under `directory`, declared under `plots:` in dvc.yaml,
-    so that `dvc plots diff` draws a line per variant and seed for each experiment. Returns the count.
-
-    The files are written into a fresh sibling folder that then replaces `directory`: a report
-    killed midway leaves the old curves or none, never half a file in the DVC output."""
-    staging = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    so that `dvc plots diff` draws a line per variant and seed for each experiment. Returns the count."""
     named = curves.merge(trials[["run_id", "variant", "seed"]], on="run_id")
-    for (variant, seed), rows in named.groupby(["variant", "seed"]):
-        file = staging / f"{re.sub(r'[^A-Za-z0-9=._-]+', '_', str(variant))}_seed{int(seed)}.csv"
-        table = rows.sort_values("step").rename(columns={"step": "epoch", "value": "val_miou"})
-        table[["epoch", "val_miou"]].to_csv(file, index=False)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(staging, directory)
+    with replaced_folder(directory) as staging:
+        for (variant, seed), rows in named.groupby(["variant", "seed"]):
+            file = staging / f"{re.sub(r'[^A-Za-z0-9=._-]+', '_', str(variant))}_seed{int(seed)}.csv"
+            table = rows.sort_values("step").rename(columns={"step": "epoch", "value": "val_miou"})
+            table[["epoch", "val_miou"]].to_csv(file, index=False)
     return named.groupby(["variant", "seed"]).ngroups

@@ -18,23 +18,19 @@ import pandas as pd
 
 from cmmasksd.metrics import METRIC_NAMES
 from cmmasksd.stats import compare_tables, power_line, seed_summary
+from pipeline.contract import BASELINE_KEY, COST, DEFAULT_GRIDS, FINAL, MASK, SELECT_SPLIT, grid_name
 from pipeline.report.load import typed
 
-BASELINE_KEY = json.dumps({"masksd.branches": "none"}, sort_keys=True)
-SELECT_SPLIT = "val"  # variants and grid cells are chosen on val only
 DELTA_METRICS = ("miou", "oiou")  # computed from per-expression counts, so they get intervals
-COSTS = {"step_time_s": "cost/step_time_s", "peak_mem_mb": "cost/peak_mem_mb",
-         "params_total": "cost/params_total", "params_extra": "cost/params_extra"}
+COSTS = {name: f"{COST}{name}" for name in ("step_time_s", "peak_mem_mb", "params_total", "params_extra")}
 # where the last epoch's training masks fell, against chance (`cmmasksd.model.mask_stats`)
-MASK_HITS = {name: f"mask/{name}" for name in ("lmvsd_hit", "lmvsd_chance", "vmlsd_hit", "vmlsd_chance")}
+MASK_HITS = {name: f"{MASK}{name}" for name in ("lmvsd_hit", "lmvsd_chance", "vmlsd_hit", "vmlsd_chance")}
 BRANCH_ROWS = {"none": "CRIS baseline", "lmvsd": "+LMVSD", "vmlsd": "+VMLSD", "both": "+LMVSD +VMLSD"}
 TITLES = {"masksd.branches": "Branches", "masksd.strategy": "Masking strategy",
           "masksd.weights": "Weight sharing of the masked branches", "masksd.distill_loss": "Distillation loss",
           "masksd.gt_on_masked": "GT supervision on the masked branches",
           ("masksd.mask_ratio_v", "masksd.mask_ratio_t"): "Mask ratio grid (image x text)",
           ("masksd.lambda_v", "masksd.lambda_t"): "Distillation weight grid (lambda v x lambda t)"}
-DEFAULT_GRIDS = [("masksd.mask_ratio_v", "masksd.mask_ratio_t"), ("masksd.lambda_v", "masksd.lambda_t")]
-GRID_NAMES = {DEFAULT_GRIDS[0]: "mask_ratio", DEFAULT_GRIDS[1]: "lambda"}  # their figures' names
 LONG_COLUMNS = ["table", "split", "row", "col", "variant", "metric", "mean", "std", "n", "delta", "ci_low",
                 "ci_high", "p_value", "significant", "seed_variance_measured", "boot_low", "boot_high", "p_boot",
                 "t_low", "t_high", "best"]
@@ -85,7 +81,7 @@ class Sweep:
         self.variants = {key: Variant(key, group["variant"].iloc[0], group["overrides"].iloc[0], group)
                          for key, group in trials.groupby("variant_key", sort=False)}
         self.baseline = self.variants.get(BASELINE_KEY)
-        found = {c.split("/")[1] for c in trials.columns if c.startswith("final/") and c.endswith("/miou")}
+        found = {c.split("/")[1] for c in trials.columns if c.startswith(FINAL) and c.endswith("/miou")}
         self.splits = sorted(found, key=lambda s: (s != SELECT_SPLIT, s))
         self._stats: dict[tuple[str, str], dict[str, dict]] = {}
 
@@ -96,7 +92,7 @@ class Sweep:
         return ([self.baseline] if self.baseline else []) + others
 
     def mean(self, variant: Variant, metric: str, split: str = SELECT_SPLIT) -> float:
-        column = f"final/{split}/{metric}"
+        column = f"{FINAL}{split}/{metric}"
         return float(variant.trials[column].mean()) if column in variant.trials else math.nan
 
     def stats(self, variant: Variant, split: str) -> dict[str, dict]:
@@ -107,7 +103,7 @@ class Sweep:
         return cached
 
     def _compute(self, variant: Variant, split: str) -> dict[str, dict]:
-        columns = {**{m: f"final/{split}/{m}" for m in METRIC_NAMES}, **COSTS, **MASK_HITS}
+        columns = {**{m: f"{FINAL}{split}/{m}" for m in METRIC_NAMES}, **COSTS, **MASK_HITS}
         base = self.baseline
         records = {}
         for metric, column in columns.items():
@@ -193,7 +189,7 @@ def axis_sections(sweep: Sweep, grids=DEFAULT_GRIDS) -> list[Section]:
     sections = []
     for axes in [("masksd.branches",), *[tuple(g) for g in grids], *[(k,) for k in varied]]:
         for i, (fixed, cells) in enumerate(families(sweep, axes)):
-            name = GRID_NAMES.get(axes) or "_".join(a.removeprefix("masksd.") for a in axes)
+            name = grid_name(axes)
             name += f"_{i + 1}" if i else ""
             title = TITLES.get(axes[0] if len(axes) == 1 else axes, " x ".join(axes))
             if fixed:
