@@ -7,7 +7,7 @@ Real datasets: the annotation zip is downloaded (mirrors, resume, checksum) or t
 local copy, and the COCO train2014 images are linked from `fetch.coco_train2014.source` or
 downloaded into `data/raw/coco` (shared by the three datasets). `fetch.<name>` may set `source`
 (a local folder or zip), `urls` (mirrors, in order), `sha256`, `md5` and `size` (null: not
-checked); absent keys take the catalogue's values (`cmmasksd.io.sources.SOURCES`).
+checked); absent keys take the catalogue's values (`cmmasksd.catalogue`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def fetch_refshapes(settings: RefShapesFetch, out: Path) -> None:
 
 def configured_source(params: Params, name: str) -> tuple[Source, Path | None]:
     """The catalogue's `name` with the mirrors and checks of `fetch.<name>`, and its local copy if any."""
-    from cmmasksd.io import get_source, with_settings
+    from cmmasksd.catalogue import get_source
+    from cmmasksd.io import with_settings
 
     settings = params.fetch.settings(name)
     local = settings.pop("source", None)

@@ -34,12 +34,13 @@ from cmmasksd.config import (
     format_validation_error,
     read_profile,
 )
+from cmmasksd.catalogue import DATASETS as REAL_DATASETS
+from cmmasksd.catalogue import SOURCES, get_source
 from cmmasksd.data.refshapes import RefShapesConfig
-from cmmasksd.io import SOURCES, get_source, with_settings
+from cmmasksd.io import with_settings
 from pipeline.contract import DEFAULT_GRIDS
 
-IMAGES = "coco_train2014"  # the catalogue's image source that every refer dataset links to
-DATASETS = ("refshapes", *(name for name in SOURCES if name != IMAGES))  # what the fetch stage can make
+DATASETS = ("refshapes", *REAL_DATASETS)  # what the fetch stage can make: RefShapes and the catalogue's
 # The sweep sets the data folder of a trial, so a profile and a variant are checked without it.
 _PLACEMENT = {"data.prepared_dir": "."}
 
@@ -63,25 +64,17 @@ class RefShapesFetch(_Section):
     generate: RefShapesConfig = Field(default_factory=RefShapesConfig)
 
 
-class FetchParams(_Section):
-    """`fetch`: RefShapes' generator, and per catalogue source a local copy (`source`) or its mirrors
-    and checks. A source's settings stay as written: a key left out keeps the catalogue's value."""
-
-    refshapes: RefShapesFetch = Field(default_factory=RefShapesFetch)
-    refcoco: dict[str, Any] = Field(default_factory=dict)
-    refcoco_plus: dict[str, Any] = Field(default_factory=dict, alias="refcoco+")
-    refcocog: dict[str, Any] = Field(default_factory=dict)
-    coco_train2014: dict[str, Any] = Field(default_factory=dict)
-
+class _FetchBase(_Section):
     def settings(self, name: str) -> dict[str, Any]:
         """The settings of catalogue source `name` (`refcoco+` included) as written."""
-        field = next(f for f, info in type(self).model_fields.items() if (info.alias or f) == name)
-        return dict(getattr(self, field))
+        return dict(getattr(self, _field_name(name)))
 
-    @field_validator("refcoco", "refcoco_plus", "refcocog", "coco_train2014")
+    @field_validator("*")
     @classmethod
-    def _catalogue_accepts(cls, settings: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    def _catalogue_accepts(cls, settings: Any, info: ValidationInfo) -> Any:
         """The catalogue owns the rules for mirrors and checks; `source` is a path or null."""
+        if not isinstance(settings, dict):  # `refshapes`: its own model
+            return settings
         local = settings.get("source")
         if local is not None and not isinstance(local, str):
             raise ValueError(f"source must be a local folder or zip, or null; got {local!r}")
@@ -91,6 +84,22 @@ class FetchParams(_Section):
         except ValueError as err:
             raise ValueError(str(err).removeprefix(f"{name}: ")) from None  # the key path names it
         return settings
+
+
+def _field_name(source: str) -> str:
+    return source.replace("+", "_plus")  # `refcoco+` is not a Python name; params.yaml keeps it as written
+
+
+# One key per catalogue source: a dataset added to `cmmasksd.catalogue` is a key here, with nothing to write.
+FetchParams = create_model(
+    "FetchParams",
+    __base__=_FetchBase,
+    __doc__="`fetch`: RefShapes' generator, and per catalogue source a local copy (`source`) or its mirrors "
+            "and checks. A source's settings stay as written: a key left out keeps the catalogue's value.",
+    refshapes=(RefShapesFetch, Field(default_factory=RefShapesFetch)),
+    **{_field_name(name): (dict[str, Any], Field(default_factory=dict, alias=name if _field_name(name) != name else None))
+       for name in SOURCES},
+)
 
 
 class PreprocessSettings(_Section):

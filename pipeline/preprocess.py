@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 
 def official_count_report(dataset: str, split_by: str, counts: dict[str, dict[str, int]]) -> str | None:
     """The comparison table with the published split sizes, or None for a dataset that has none."""
-    from cmmasksd.data import OFFICIAL_COUNTS, check_official_counts, format_count_checks
+    from cmmasksd.catalogue import split_sizes
+    from cmmasksd.data import check_official_counts, format_count_checks
 
-    official = OFFICIAL_COUNTS.get((dataset, split_by))
+    official = split_sizes(dataset, split_by)
     if official is None:
         return None
     checks = check_official_counts(counts, official)

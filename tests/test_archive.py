@@ -14,7 +14,8 @@ from http_server import FileServer
 
 from cmmasksd.io import sources
 from cmmasksd.io.archive import UnsafeArchiveError, missing_members, safe_extract_zip, verify_layout
-from cmmasksd.io.sources import SOURCES, fetch_source, get_source, with_settings
+from cmmasksd.catalogue import SOURCES, get_source
+from cmmasksd.io.sources import fetch_source, with_settings
 
 REFCOCO_FILES = {
     "refcoco/instances.json": json.dumps({"images": [], "annotations": [], "categories": []}).encode(),

@@ -18,7 +18,8 @@ import yaml
 from http_server import FileServer
 
 import pipeline.fetch as stage
-from cmmasksd.io import SOURCES, ChecksumError
+from cmmasksd.catalogue import SOURCES
+from cmmasksd.io import ChecksumError
 from pipeline.common import REPO_ROOT
 from pipeline.fetch import configured_source, fetch_refer
 from pipeline.params_schema import validate_params

@@ -6,30 +6,32 @@ import copy
 
 import pytest
 
-from cmmasksd.data import OFFICIAL_COUNTS, Refer, check_official_counts, format_count_checks, refshapes_stats
+from cmmasksd.catalogue import DATASETS, split_sizes
+from cmmasksd.data import Refer, check_official_counts, format_count_checks, refshapes_stats
 from pipeline.common import REPO_ROOT
 from pipeline.preprocess import official_count_report
 
-REFCOCO_UNC = OFFICIAL_COUNTS[("refcoco", "unc")]
+REFCOCO_UNC = split_sizes("refcoco", "unc")
+PUBLISHED = sorted((name, by) for name, entry in DATASETS.items() for by in entry.split_sizes)
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("dataset, split_by", sorted(OFFICIAL_COUNTS))
+@pytest.mark.parametrize("dataset, split_by", PUBLISHED)
 def test_real_files_have_the_published_split_sizes(dataset, split_by):
     root = REPO_ROOT / "data" / "raw" / dataset
     for name in (f"refs({split_by}).p", "instances.json"):
         if not (root / name).is_file():
             pytest.skip(f"{root / name} not found: fetch the real {dataset} (dvc repro fetch@{dataset}) to check it")
-    checks = check_official_counts(Refer(root, split_by).split_counts(), OFFICIAL_COUNTS[(dataset, split_by)])
+    checks = check_official_counts(Refer(root, split_by).split_counts(), split_sizes(dataset, split_by))
     assert all(check.ok for check in checks), "\n" + format_count_checks(checks)
 
 
 def test_table_matches_the_data_spec():
     assert REFCOCO_UNC["train"] == {"refs": 42_404, "images": 16_994, "expressions": 120_624}
-    assert OFFICIAL_COUNTS[("refcoco+", "unc")]["testB"] == {"refs": 1_798, "images": 750, "expressions": 4_889}
-    assert OFFICIAL_COUNTS[("refcocog", "umd")]["test"] == {"refs": 5_023, "images": 2_600, "expressions": 9_602}
-    assert OFFICIAL_COUNTS[("refcocog", "google")]["val"] == {"refs": 5_000, "images": 4_650, "expressions": None}
-    assert {split for (_, by), splits in OFFICIAL_COUNTS.items() if by == "unc" for split in splits} == {
+    assert split_sizes("refcoco+", "unc")["testB"] == {"refs": 1_798, "images": 750, "expressions": 4_889}
+    assert split_sizes("refcocog", "umd")["test"] == {"refs": 5_023, "images": 2_600, "expressions": 9_602}
+    assert split_sizes("refcocog", "google")["val"] == {"refs": 5_000, "images": 4_650, "expressions": None}
+    assert {split for name, by in PUBLISHED if by == "unc" for split in split_sizes(name, by)} == {
         "train", "val", "testA", "testB"}
 
 
@@ -54,7 +56,7 @@ def test_exact_counts_are_ok_and_each_difference_is_a_mismatch():
 
 
 def test_unpublished_counts_are_not_compared():
-    google = OFFICIAL_COUNTS[("refcocog", "google")]
+    google = split_sizes("refcocog", "google")
     found = {split: {**counts, "expressions": 12_345} for split, counts in google.items()}
     checks = check_official_counts(found, google)
     assert all(c.ok for c in checks)

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 import pipeline.sweep as sweep_stage
 from cmmasksd.config import build_config
-from cmmasksd.io import SOURCES
+from cmmasksd.catalogue import SOURCES
 from pipeline.common import run_main
 from pipeline.contract import DEFAULT_GRIDS
 from pipeline.params_schema import FetchParams, Params, validate_params

@@ -10,7 +10,6 @@ from cmmasksd.data.prepared import (
     prepare_split,
 )
 from cmmasksd.data.refer import (
-    OFFICIAL_COUNTS,
     CountCheck,
     Refer,
     ReferFormatError,
@@ -25,7 +24,6 @@ from cmmasksd.data.sampler import EpochBatchSampler, epoch_order
 from cmmasksd.data.split import PreparedSplit
 
 __all__ = [
-    "OFFICIAL_COUNTS",
     "CountCheck",
     "EpochBatchSampler",
     "LetterboxMeta",

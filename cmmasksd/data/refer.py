@@ -56,23 +56,7 @@ class ReferSample:
     split: str
 
 
-COUNT_KINDS = ("refs", "images", "expressions")
-
-
-def _counts(refs: int, images: int, expressions: int | None) -> dict[str, int | None]:
-    return dict(zip(COUNT_KINDS, (refs, images, expressions)))
-
-
-# shared/spec/data.md, "Split sizes", per (dataset, split_by); None: not published.
-OFFICIAL_COUNTS: dict[tuple[str, str], dict[str, dict[str, int | None]]] = {
-    ("refcoco", "unc"): {"train": _counts(42_404, 16_994, 120_624), "val": _counts(3_811, 1_500, 10_834),
-                         "testA": _counts(1_975, 750, 5_657), "testB": _counts(1_810, 750, 5_095)},
-    ("refcoco+", "unc"): {"train": _counts(42_278, 16_992, 120_191), "val": _counts(3_805, 1_500, 10_758),
-                          "testA": _counts(1_975, 750, 5_726), "testB": _counts(1_798, 750, 4_889)},
-    ("refcocog", "umd"): {"train": _counts(42_226, 21_899, 80_512), "val": _counts(2_573, 1_300, 4_896),
-                          "test": _counts(5_023, 2_600, 9_602)},
-    ("refcocog", "google"): {"train": _counts(44_822, 24_698, None), "val": _counts(5_000, 4_650, None)},
-}
+COUNT_KINDS = ("refs", "images", "expressions")  # what `Refer.split_counts` counts per split
 
 
 @dataclass(frozen=True)
@@ -91,7 +75,8 @@ class CountCheck:
 def check_official_counts(
     found: Mapping[str, Mapping[str, int]], official: Mapping[str, Mapping[str, int | None]]
 ) -> list[CountCheck]:
-    """Compare per-split counts (`Refer.split_counts()`) with `OFFICIAL_COUNTS[...]`.
+    """Compare per-split counts (`Refer.split_counts()`) with the published ones
+    (`cmmasksd.catalogue.split_sizes`).
 
     Every official split gets a row, and so does any split the files have beyond them (which is
     a mismatch: its official counts are taken as zero).
@@ -146,9 +131,10 @@ class Refer:
         return [obj for obj in self._objects if obj.split == split]
 
     def split_counts(self) -> dict[str, dict[str, int]]:
-        """Refs, images and expressions per split, as the files hold them (cf. `OFFICIAL_COUNTS`)."""
+        """Refs, images and expressions per split, as the files hold them (cf. `cmmasksd.catalogue`)."""
         return {
-            split: _counts(len(objects), len({o.image_id for o in objects}), sum(len(o.sentences) for o in objects))
+            split: dict(zip(COUNT_KINDS, (len(objects), len({o.image_id for o in objects}),
+                                          sum(len(o.sentences) for o in objects))))
             for split in self._splits
             for objects in [self.objects(split)]
         }

@@ -1,11 +1,10 @@
-"""Getting the data onto disk: resumable verified downloads, safe extraction, the source catalogue."""
+"""Getting the data onto disk: resumable verified downloads, safe extraction, fetching a source."""
 
 from cmmasksd.io.archive import UnsafeArchiveError, missing_members, safe_extract_zip, verify_layout
 from cmmasksd.io.download import ChecksumError, DownloadError, download, file_mismatch
-from cmmasksd.io.sources import SOURCES, Source, fetch_source, get_source, with_settings
+from cmmasksd.io.sources import Source, fetch_source, with_settings
 
 __all__ = [
-    "SOURCES",
     "ChecksumError",
     "DownloadError",
     "Source",
@@ -13,7 +12,6 @@ __all__ = [
     "download",
     "fetch_source",
     "file_mismatch",
-    "get_source",
     "missing_members",
     "safe_extract_zip",
     "verify_layout",

@@ -1,8 +1,6 @@
-"""The catalogue of official data sources (shared/spec/data.md), and fetching one onto disk.
-
-The checksums of the refer zips are third-party figures: `with_settings` overrides mirrors and
-checksums (the pipeline takes them from `params.yaml`).
-"""
+"""A data source (one downloadable zip) and fetching it onto disk; the sources themselves are
+entries of `cmmasksd.catalogue`. `with_settings` overrides a source's mirrors and checksums (the
+pipeline takes them from `params.yaml`)."""
 
 from __future__ import annotations
 
@@ -21,9 +19,6 @@ from cmmasksd.io.download import download, file_mismatch
 
 log = logging.getLogger(__name__)
 
-_REFER_HOST = "https://bvisionweb1.cs.unc.edu/licheng/referit/data"
-
-
 @dataclass(frozen=True)
 class Source:
     """One downloadable zip: where to get it, how to check it, and what it unpacks to."""
@@ -35,66 +30,6 @@ class Source:
     size: int | None  # bytes
     archive_root: str  # the folder the zip unpacks to
     expected_files: tuple[str, ...]  # inside archive_root; their absence means a wrong layout
-
-
-def _refer(name: str, archive_stamp: str, size: int, sha256: str, splits: tuple[str, ...]) -> Source:
-    """A refer annotation zip: the original host (offline since 2022), then its web-archive copy."""
-    url = f"{_REFER_HOST}/{name}.zip"
-    return Source(
-        name=name,
-        urls=(url, f"https://web.archive.org/web/{archive_stamp}id_/{url}"),
-        sha256=sha256,
-        md5=None,
-        size=size,
-        archive_root=name,
-        expected_files=("instances.json", *(f"refs({split}).p" for split in splits)),
-    )
-
-
-SOURCES: dict[str, Source] = {
-    source.name: source
-    for source in (
-        _refer(
-            "refcoco",
-            "20220413011718",
-            53_993_993,
-            "7f924bb7ed8dc4568058e4ff626281918d56e5206f4c868c5a80f088f38c8bf0",
-            ("unc", "google"),
-        ),
-        _refer(
-            "refcoco+",
-            "20220413011656",
-            45_613_210,
-            "5f1238112d63199e68da54a28f201471909b21ded7ed79a57d51b4c1443c6b45",
-            ("unc",),
-        ),
-        _refer(
-            "refcocog",
-            "20220413012904",
-            56_712_951,
-            "3d1f7e5b2ff2205940bf59de55f861f5f2cc1403fb980669933a7f9af1aa8211",
-            ("umd", "google"),
-        ),
-        Source(
-            name="coco_train2014",
-            urls=("http://images.cocodataset.org/zips/train2014.zip",),
-            sha256=None,
-            md5="0da8c0bd3d6becc4dcb32757491aca88",
-            size=None,  # about 13 GB; the MD5 is the authoritative check
-            archive_root="train2014",
-            # 82,783 images: check the first one, which tells train2014 from any other folder.
-            expected_files=("COCO_train2014_000000000009.jpg",),
-        ),
-    )
-}
-
-
-def get_source(name: str) -> Source:
-    """The catalogue entry for `name`, with an error that lists the known names."""
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise KeyError(f"unknown data source {name!r}; known: {', '.join(SOURCES)}") from None
 
 
 _SETTINGS = {"urls", "sha256", "md5", "size"}

@@ -28,6 +28,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 
+from cmmasksd.catalogue import DATASETS
+
 from pipeline.common import load_params
 from pipeline.contract import (
     CODE_DIGEST,
@@ -45,22 +47,12 @@ from pipeline.report.load import download_overlay, load_curves, load_trials, mis
 from pipeline.report.tables import LONG_COLUMNS, Section, Sweep, axis_sections, best_variant, power, variants_section
 from pipeline.tracking import experiment_url
 
-# Published mIoU (%) from shared/spec/method.md: CRIS (CVPR 2022, CLIP RN101) and CM-MaskSD (TMM 2024,
-# secondary sources, labels there are mixed). Shown beside ours when the sweep ran on a real dataset.
-PUBLISHED_MIOU = {
-    "refcoco": {"CRIS (RN101)": {"val": 70.47, "testA": 73.18, "testB": 66.10},
-                "CM-MaskSD": {"val": 74.89, "testA": 77.54, "testB": 71.28}},
-    "refcoco+": {"CRIS (RN101)": {"val": 62.27, "testA": 68.08, "testB": 53.68},
-                 "CM-MaskSD": {"val": 67.47, "testA": 71.80, "testB": 59.91}},
-    "refcocog": {"CRIS (RN101)": {"val": 59.87, "test": 60.36},
-                 "CM-MaskSD": {"val": 66.53, "test": 66.63}},
-}
-
 
 def published_table(dataset: str, ours: dict[str, dict[str, float]]) -> pd.DataFrame | None:
     """Published mIoU per split beside ours ({row label: {split: mean mIoU}}); None for datasets the
     papers did not report (RefShapes)."""
-    published = PUBLISHED_MIOU.get(dataset)
+    entry = DATASETS.get(dataset)
+    published = entry.published_miou if entry else None
     if not published:
         return None
     splits = list(next(iter(published.values())))
