@@ -9,9 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import Interrupt, debug_config, stop_after
 
 import cmmasksd.identity as identity_module
-from cmmasksd.config import apply_overrides, build_config, read_profile
+from cmmasksd.config import build_config, read_profile
 from cmmasksd.identity import differences, digest, prepared_digest, run_identity
 from pipeline.identity import sweep_identity
 from pipeline.params_schema import ResourcesParams, SweepParams
@@ -19,8 +20,8 @@ from pipeline.storage import RayStorage
 from pipeline.sweep import expand_grid, trial_identities, warn_other_precision
 
 
-def config(prepared: Path, **overrides):
-    return build_config(apply_overrides(read_profile("debug"), {"data.prepared_dir": str(prepared), **overrides}))
+def config(prepared: Path, out_dir: Path = Path("runs/debug"), **overrides):
+    return build_config(debug_config(prepared, out_dir, **overrides))
 
 
 @pytest.fixture
@@ -33,8 +34,7 @@ def native(monkeypatch):
 
 def test_where_a_run_executes_is_not_its_identity(prepared_root, tmp_path):
     base = run_identity(config(prepared_root), "cpu")
-    moved = run_identity(config(prepared_root, **{"run.out_dir": str(tmp_path), "run.num_workers": 2,
-                                                  "run.num_overlays": 0}), "cpu")
+    moved = run_identity(config(prepared_root, tmp_path, run__num_workers=2, run__num_overlays=0), "cpu")
     assert moved == base
 
 
@@ -109,21 +109,14 @@ def test_a_sweep_that_ran_in_the_other_precision_is_named(prepared_root, native,
     assert caplog.text == ""  # nothing to say: there is no bf16 sweep
 
 
-class Stop(Exception):
-    pass
-
-
 @pytest.mark.slow
-def test_a_checkpoint_from_another_precision_is_not_resumed(prepared_root, tmp_path, native):
+def test_a_checkpoint_from_another_precision_is_not_resumed(tiny_config, native):
     from cmmasksd.train import train
 
-    def stop_after_one(report):
-        raise Stop
-
-    run = config(prepared_root, **{"run.out_dir": str(tmp_path), "optim.epochs": 2, "run.num_overlays": 0})
+    run = build_config(tiny_config(optim__epochs=2, run__num_overlays=0))
     native(False)
-    with pytest.raises(Stop):
-        train(run, on_epoch=stop_after_one)
+    with pytest.raises(Interrupt):
+        train(run, on_epoch=stop_after(1))
     native(True)
     with pytest.raises(ValueError, match=r"differs in runtime.precision: 'fp32' -> 'bf16'\)"):
         train(run)
