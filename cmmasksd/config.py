@@ -61,10 +61,23 @@ class ModelConfig(_Strict):
         return self
 
 
-class MaskSDConfig(_Strict):
-    """The two masked self-distillation branches; `branches: none` is the CRIS baseline."""
+# MaskRIS (naver-ai/maskris) on the CRIS model. `recipe: maskris` always sets its method (one joint masked
+# pass, BERT word noise), whatever the profile says, and its numbers where the config gives none.
+MASKRIS_METHOD = {"branches": "joint", "word_noise": "bert"}
+MASKRIS = {"strategy": "random", "mask_ratio_v": 0.75, "mask_ratio_t": 0.15, "fill": "zero", "lambda_v": 0.5,
+           "seg_weight": 0.5, "distill_loss": "soft_bce"}
 
-    branches: Literal["none", "lmvsd", "vmlsd", "both"] = "both"
+
+class MaskSDConfig(_Strict):
+    """The masked self-distillation branches; `branches: none` is the CRIS baseline.
+
+    `joint` is MaskRIS's single masked pass that hides image cells and words together (its loss
+    weight `lambda_v`); `recipe: maskris` sets MaskRIS's method (`MASKRIS_METHOD`) and its numbers
+    (`MASKRIS`) for every field left out.
+    """
+
+    recipe: Literal["cmmasksd", "maskris"] = "cmmasksd"
+    branches: Literal["none", "lmvsd", "vmlsd", "both", "joint"] = "both"
     strategy: Literal["corr_top", "corr_bottom", "corr_sample", "random"] = "corr_top"
     mask_ratio_v: float = Field(default=0.5, gt=0.0, lt=1.0)
     mask_ratio_t: float = Field(default=0.3, gt=0.0, lt=1.0)
@@ -85,6 +98,34 @@ class MaskSDConfig(_Strict):
     # input (every token is encoded); drop: MAE-style, only the visible patches are encoded and the
     # mask token fills the dropped positions after the encoder (cheaper by the masked fraction).
     vit_masking: Literal["token", "drop"] = "token"
+    # Where the masks come from (design notes of masksd). live: the model being fine-tuned scores its own
+    # masks; frozen: a no-grad copy of the pretrained CLIP towers does (the alignment CM-MaskSD inherits);
+    # prediction: the teacher's own probability map (LMVSD only: an upper bound for guided masking).
+    # Default frozen + centre: the only CLIP scorer whose masks stay on the object through a default-length
+    # run (benchmarks/bench_scorers.py: coverage 1.25-1.27x chance every epoch; live 0.35-0.39x, frozen ~1.0x).
+    scorer: Literal["live", "frozen", "prediction"] = "frozen"
+    centre: bool = True  # subtract each image's mean patch feature before the patch-sentence cosine
+    # What a ResNet's masked cells show. zero: 0 in the normalised input, i.e. the mean colour (the
+    # literature's); black: black pixels; noise: N(0, 1) in the normalised input. (A ViT uses its mask token.)
+    fill: Literal["zero", "black", "noise"] = "zero"
+    # How VMLSD's masked words are hidden. mask: all by the mask token; bert: 80 % mask token, 10 % a
+    # random token, 10 % left as they are (MaskRIS, after BERT).
+    word_noise: Literal["mask", "bert"] = "mask"
+    seg_weight: float = Field(default=1.0, gt=0.0)  # weight of the clean pass's loss against the ground truth
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("recipe") == "maskris":
+            return {**MASKRIS, **data, **MASKRIS_METHOD}
+        return data
+
+    @model_validator(mode="after")
+    def _scorer_fits(self) -> "MaskSDConfig":
+        if self.scorer == "prediction" and self.branches in ("vmlsd", "both", "joint"):
+            raise ValueError("scorer: prediction scores image cells by the teacher's mask; it has nothing to say "
+                             "about words, so it works with branches: lmvsd only")
+        return self
 
     @property
     def use_lmvsd(self) -> bool:
@@ -93,6 +134,18 @@ class MaskSDConfig(_Strict):
     @property
     def use_vmlsd(self) -> bool:
         return self.branches in ("vmlsd", "both")
+
+    @property
+    def use_joint(self) -> bool:
+        return self.branches == "joint"
+
+    @property
+    def masks_images(self) -> bool:
+        return self.branches in ("lmvsd", "both", "joint")
+
+    @property
+    def masks_words(self) -> bool:
+        return self.branches in ("vmlsd", "both", "joint")
 
 
 class OptimConfig(_Strict):

@@ -54,7 +54,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         # The checkpoint holds every weight: no pretrained CLIP weights are fetched. Quiet, as
         # open_clip logs each build step and warns that no pretrained weights were loaded.
         with _quiet_logging():
-            model = create_model(config.model.model_copy(update={"pretrained": None}), config.masksd)
+            # the frozen scorer only draws training masks: prediction builds none
+            masksd = config.masksd.model_copy(update={"scorer": "live"})
+            model = create_model(config.model.model_copy(update={"pretrained": None}), masksd)
     except (RuntimeError, TypeError, ValueError) as err:  # e.g. a CLIP name this open_clip does not know
         raise ValueError(f"{path}: cannot build the model its config describes: {first_sentence(err)}") from err
     _check_weights(path, model, state["model"])

@@ -57,13 +57,16 @@ BASELINE_KEY = variant_key(BASELINE)
 def variant_name(overrides: dict[str, Any], base_branches: str = "both") -> str:
     """A readable name that shows every override: `both r_v=0.25 r_t=0.15`, `cris optim.lr=0.001`.
 
-    It starts with the branches (`cris` for none, else the branches the variant trains) and names
-    every other key that differs from the base config, so two different variants never share a name.
+    It starts with the recipe where one is set (`maskris`), else the branches (`cris` for none, else
+    the branches the variant trains), and names every other key that differs from the base config,
+    so two different variants never share a name.
     """
+    recipe = overrides.get("masksd.recipe", "cmmasksd")
     branches = str(overrides.get("masksd.branches", base_branches))
-    parts = ["cris" if branches == "none" else branches]
+    first = "masksd.recipe" if recipe != "cmmasksd" else "masksd.branches"
+    parts = [recipe if recipe != "cmmasksd" else "cris" if branches == "none" else branches]
     for key, value in overrides.items():
-        if key not in ("masksd.branches", "seed"):
+        if key not in (first, "seed"):
             parts.append(f"{SHORT_KEYS.get(key, key.removeprefix('masksd.'))}={value}")
     return " ".join(parts)
 

@@ -73,7 +73,7 @@ OUT_DIR = Path("sweep")
 DRIVER_MEMORY = 512 * 2**20  # bytes a multi-worker trial's driver reserves (Python, Ray Train, MLflow client)
 
 # Relative cost of a training step by branches (measured: both ~2x, one branch ~1.4-1.6x a CRIS step).
-_STEP_COST = {"both": 3, "lmvsd": 2, "vmlsd": 2, "none": 1}
+_STEP_COST = {"both": 3, "lmvsd": 2, "vmlsd": 2, "joint": 2, "none": 1}
 
 
 def expand_grid(sweep: SweepParams, base_branches: str = "both") -> list[Trial]:
@@ -92,7 +92,10 @@ def expand_grid(sweep: SweepParams, base_branches: str = "both") -> list[Trial]:
         if name in names:
             raise ValueError(f"params.yaml: sweep.variants lists the variant `{name}` twice ({names[name]} and {variant})")
         names[name] = variant
-    variants.sort(key=lambda v: -_STEP_COST.get(str(v.get("masksd.branches", base_branches)), 3))
+    def branches(v: dict) -> str:
+        return "joint" if v.get("masksd.recipe") == "maskris" else str(v.get("masksd.branches", base_branches))
+
+    variants.sort(key=lambda v: -_STEP_COST.get(branches(v), 3))
     return [Trial(variant_name(v, base_branches), variant_key(v), v, int(seed)) for v in variants for seed in sweep.seeds]
 
 

@@ -15,7 +15,9 @@ from cmmasksd.model.mask_stats import STOP_WORDS, MaskStats, content_token_mask,
 from cmmasksd.model.masksd import real_word_mask, select_masked
 from cmmasksd.train import train
 
-KEYS = {"mask/lmvsd_hit", "mask/lmvsd_chance", "mask/vmlsd_hit", "mask/vmlsd_chance"}
+LMVSD_KEYS = {"mask/lmvsd_hit", "mask/lmvsd_chance", "mask/lmvsd_coverage", "mask/lmvsd_coverage_chance"}
+VMLSD_KEYS = {"mask/vmlsd_hit", "mask/vmlsd_chance"}
+KEYS = LMVSD_KEYS | VMLSD_KEYS
 
 
 def object_and_masks():
@@ -30,10 +32,13 @@ def object_and_masks():
 
 def test_lmvsd_hit_is_the_masked_share_on_the_object_against_its_area():
     gt, on, off = object_and_masks()
-    for mask, hit in ((on, 1.0), (off, 0.0)):
+    # on: 4 px, all on the 16 px object; off: 16 px, none on it. Coverage: masked object px / object
+    # px; its chance: masked px / image px.
+    for mask, hit, coverage, masked in ((on, 1.0, 4 / 16, 4), (off, 0.0, 0.0, 16)):
         stats = MaskStats()
         stats.add_lmvsd(mask, gt)
-        assert stats.metrics() == {"mask/lmvsd_hit": hit, "mask/lmvsd_chance": 16 / 64}
+        assert stats.metrics() == {"mask/lmvsd_hit": hit, "mask/lmvsd_chance": 16 / 64,
+                                   "mask/lmvsd_coverage": coverage, "mask/lmvsd_coverage_chance": masked / 64}
 
 
 def test_lmvsd_counts_cells_of_several_pixels():
@@ -41,7 +46,9 @@ def test_lmvsd_counts_cells_of_several_pixels():
     cells = torch.tensor([[[True, True], [False, False]]])  # 4 px cells: the object's and the one right of it
     stats = MaskStats()
     stats.add_lmvsd(cells, gt)
-    assert stats.metrics() == {"mask/lmvsd_hit": 0.5, "mask/lmvsd_chance": 16 / 64}
+    # 32 px masked (the top half), 16 of them the whole object
+    assert stats.metrics() == {"mask/lmvsd_hit": 0.5, "mask/lmvsd_chance": 16 / 64,
+                               "mask/lmvsd_coverage": 16 / 16, "mask/lmvsd_coverage_chance": 32 / 64}
 
 
 def test_hit_rates_weigh_every_masked_pixel_not_every_batch():
@@ -49,7 +56,9 @@ def test_hit_rates_weigh_every_masked_pixel_not_every_batch():
     stats = MaskStats()
     stats.add_lmvsd(on, gt)  # 4 px masked, all on the object
     stats.add_lmvsd(on | off, torch.zeros_like(gt))  # 20 px masked, no object: 4 of 24 on an object
-    assert stats.metrics() == {"mask/lmvsd_hit": 4 / 24, "mask/lmvsd_chance": 16 / 128}
+    # coverage: 4 of the 16 object px (the second image has none); its chance: 24 of 128 px masked
+    assert stats.metrics() == {"mask/lmvsd_hit": 4 / 24, "mask/lmvsd_chance": 16 / 128,
+                               "mask/lmvsd_coverage": 4 / 16, "mask/lmvsd_coverage_chance": 24 / 128}
 
 
 def test_random_masks_hit_the_object_at_chance():
@@ -62,6 +71,9 @@ def test_random_masks_hit_the_object_at_chance():
     metrics = stats.metrics()
     assert metrics["mask/lmvsd_chance"] == 15 / 64
     assert metrics["mask/lmvsd_hit"] == pytest.approx(15 / 64, abs=0.01)
+    # random cells cover the object as they cover anything: the masked share of the image, 16 / 64
+    assert metrics["mask/lmvsd_coverage_chance"] == 16 / 64
+    assert metrics["mask/lmvsd_coverage"] == pytest.approx(16 / 64, abs=0.01)
 
 
 def tokenize(*texts: str) -> torch.Tensor:
@@ -126,11 +138,11 @@ def training_stats(cfg: MaskSDConfig) -> MaskStats:
     return stats
 
 
-@pytest.mark.parametrize("switches,reported", [({"branches": "lmvsd"}, "lmvsd"), ({"lambda_v": 0.0}, "vmlsd")],
+@pytest.mark.parametrize("switches,reported", [({"branches": "lmvsd"}, LMVSD_KEYS), ({"lambda_v": 0.0}, VMLSD_KEYS)],
                          ids=["vmlsd-off", "lmvsd-weight-0"])
 def test_a_branch_that_does_not_run_reports_nothing(switches, reported):
     keys = training_stats(MaskSDConfig(**switches)).metrics()
-    assert set(keys) == {f"mask/{reported}_hit", f"mask/{reported}_chance"}
+    assert set(keys) == reported
 
 
 def test_cell_mask_at_96px_trains_and_counts_for_corr_top_and_random():
@@ -142,3 +154,5 @@ def test_cell_mask_at_96px_trains_and_counts_for_corr_top_and_random():
         assert set(metrics) == KEYS and all(0.0 <= v <= 1.0 for v in metrics.values())
     for key in ("mask/lmvsd_chance", "mask/vmlsd_chance"):  # the same samples, whatever the strategy
         assert runs["corr_top"].metrics()[key] == runs["random"].metrics()[key]
+    for stats in runs.values():  # 32 of the 64 cells of each image, whatever the strategy
+        assert stats.metrics()["mask/lmvsd_coverage_chance"] == 0.5

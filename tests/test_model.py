@@ -38,7 +38,8 @@ def make_batch(size: int = 64, word_len: int = 17, lengths=(4, 2)):
 
 
 def wrap(tiny_cris, kind: str, **masksd) -> CMMaskSD:
-    return CMMaskSD(copy.deepcopy(tiny_cris[kind]), MaskSDConfig(**masksd)).train()
+    """The live, uncentred scorer unless a test asks for another: the masks come from the features under test."""
+    return CMMaskSD(copy.deepcopy(tiny_cris[kind]), MaskSDConfig(**{"scorer": "live", "centre": False, **masksd})).train()
 
 
 def count_calls(obj, name: str) -> list:
@@ -246,14 +247,16 @@ def test_corr_top_and_bottom_pick_the_most_and_least_correlated_patches(tiny_cri
     txt = TextFeatures(torch.zeros(1, 3, 8), sentence, torch.zeros(1, 3, dtype=torch.bool))
     top = model.patch_mask(vis, txt).flatten()
     assert top.nonzero().flatten().tolist() == [0, 3]
-    model.cfg = MaskSDConfig(mask_ratio_v=0.25, strategy="corr_bottom")
+    model.cfg = MaskSDConfig(mask_ratio_v=0.25, strategy="corr_bottom", scorer="live", centre=False)
     assert model.patch_mask(vis, txt).flatten().nonzero().flatten().tolist() == [1, 4]
     # correlation: attention scores CRIS's attention-pool map instead
-    model.cfg = MaskSDConfig(mask_ratio_v=0.25, correlation="attention")
+    model.cfg = MaskSDConfig(mask_ratio_v=0.25, correlation="attention", scorer="live", centre=False)
     assert model.patch_mask(VisualFeatures([], dense, (2, 4), noise), txt).flatten().nonzero().flatten().tolist() == [0, 3]
 
 
-def test_word_mask_scores_only_real_words_against_the_global_image(tiny_cris):
+def test_word_mask_scores_only_real_words_against_clips_pooled_image_embedding(tiny_cris):
+    """Defect fixed: words were scored against the mean of the value-path features, which is not
+    what CLIP's contrastive loss aligned the text with. Here the two point opposite ways."""
     model = wrap(tiny_cris, "rn", mask_ratio_t=0.5)
     backbone = model.seg.backbone
     tokens = make_tokens(8, lengths=(4, 0))  # sample 1: no real word
@@ -265,8 +268,8 @@ def test_word_mask_scores_only_real_words_against_the_global_image(tiny_cris):
     proj = backbone.clip.text_projection.detach()
     words = targets @ torch.linalg.pinv(proj)
     scores = F.cosine_similarity(words @ proj, image_dir.expand(2, 1, embed), dim=-1)
-    image_map = image_dir.view(1, embed, 1, 1).expand(2, -1, 2, 2).clone()
-    vis = VisualFeatures([], torch.randn_like(image_map), (2, 2), image_map)
+    value_map = -image_dir.view(1, embed, 1, 1).expand(2, -1, 2, 2).clone()  # the old, wrong reference
+    vis = VisualFeatures([], torch.randn_like(value_map), (2, 2), value_map, pooled=image_dir.expand(2, embed))
     txt = TextFeatures(words, torch.zeros(2, embed), tokens == 0)
     chosen = model.word_mask(vis, txt, tokens)
     real = real_word_mask(tokens)

@@ -46,7 +46,7 @@ BAD = {
                     "`sweep.seed`: Extra inputs are not permitted (allowed: name, dataset, seeds, variants, "),
     "variant_key_train_config_lacks": (
         changed(sweep__variants=[{"masksd.branches": "both"}, {"masksd.mask_ratio": 0.3}]),
-        "`sweep.variants[1].masksd.mask_ratio`: Extra inputs are not permitted (allowed: branches, strategy, "),
+        "`sweep.variants[1].masksd.mask_ratio`: Extra inputs are not permitted (allowed: recipe, branches, strategy, "),
     "mask_ratio_1.5": (changed(sweep__variants=[{"masksd.mask_ratio_v": 1.5}]),
                        "`sweep.variants[0].masksd.mask_ratio_v`: Input should be less than 1, got 1.5 "
                        "(allowed: > 0.0 and < 1.0)"),

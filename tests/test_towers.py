@@ -24,7 +24,9 @@ class FakeVisual(nn.Module):
 
 
 class FakeTower(VisualTower):
-    """The least a family implements: sizes, masking, the features, and one new layer."""
+    """The least a family implements: sizes, masking (`fill` is what a family that hides pixels puts
+    in a masked cell; this one blanks them), the features (CLIP's pooled image embedding included),
+    and one new layer."""
 
     name = "Fake"
     masking = "blanks its masked patches"
@@ -41,7 +43,7 @@ class FakeTower(VisualTower):
         if cell not in (None, 32):
             raise ValueError(f"mask_cell must be 32 or None for the fake tower, got {cell}")
 
-    def encode(self, backbone, x, patch_mask, drop):
+    def encode(self, backbone, x, patch_mask, drop, fill="zero"):
         if patch_mask is not None:
             keep = ~patch_mask.repeat_interleave(32, dim=1).repeat_interleave(32, dim=2)
             x = x * keep[:, None]
@@ -49,7 +51,8 @@ class FakeTower(VisualTower):
         joint = backbone.fake_proj(f32)
         h, w = x.shape[-2:]
         levels = [F.interpolate(f32, size=(h // s, w // s)) for s in (8, 16)] + [F.relu(joint)]
-        return VisualFeatures(levels, joint, tuple(joint.shape[-2:]), joint)
+        # CLIP's image embedding, which VMLSD scores words against: here the mean patch feature.
+        return VisualFeatures(levels, joint, tuple(joint.shape[-2:]), joint, pooled=joint.mean(dim=(2, 3)))
 
 
 @pytest.fixture

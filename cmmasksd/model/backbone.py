@@ -88,17 +88,17 @@ class ClipBackbone(nn.Module):
         return (images.float() / 255.0 - self.mean) / self.std
 
     def encode_image(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None,
-                     drop: bool = False) -> VisualFeatures:
+                     drop: bool = False, fill: str = "zero") -> VisualFeatures:
         """uint8 images (and optionally a B x gh x gw patch mask, True = masked) -> three levels + joint map.
 
         The tower applies the mask as its family does: a ViT's mask is on its patch grid; a
         ResNet's on any grid of square cells that tile the input. `drop`: encode the visible
-        patches alone, for a tower that `supports_drop` (ViT).
+        patches alone, for a tower that `supports_drop` (ViT). `fill`: what masked pixels show (ResNet).
         """
         tower = self.tower
         if drop and not tower.supports_drop:
             raise ValueError(f"dropping masked patches needs a ViT; a {tower.name} {tower.masking}")
-        return tower.encode(self, self.normalize(images), patch_mask, drop)
+        return tower.encode(self, self.normalize(images), patch_mask, drop, fill)
 
     # ---- text --------------------------------------------------------------------------------
 

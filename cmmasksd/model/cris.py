@@ -178,8 +178,8 @@ class CRIS(nn.Module):
         self.head = Head(cfg.neck_dim, cfg.head_dim, backbone.embed_dim, cfg.head_kernel)
 
     def encode_image(self, images: torch.Tensor, patch_mask: torch.Tensor | None = None,
-                     drop: bool = False) -> VisualFeatures:
-        return self.backbone.encode_image(images, patch_mask, drop)
+                     drop: bool = False, fill: str = "zero") -> VisualFeatures:
+        return self.backbone.encode_image(images, patch_mask, drop, fill)
 
     def encode_text(self, tokens: torch.Tensor, word_mask: torch.Tensor | None = None) -> TextFeatures:
         return self.backbone.encode_text(tokens, word_mask)

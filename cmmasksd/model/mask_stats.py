@@ -3,8 +3,12 @@
 - `mask/lmvsd_hit`: masked image area on the referred object / masked image area.
   `mask/lmvsd_chance`: object area / image area over the same samples (what a uniformly random
   mask hits on average). Both at input resolution, letterbox border included.
+- `mask/lmvsd_coverage`: the share of the objects' area that was masked; `mask/lmvsd_coverage_chance`:
+  the share of the whole image that was (what random cells cover of anything: about the ratio).
 - `mask/vmlsd_hit`: masked content tokens / masked tokens.
-  `mask/vmlsd_chance`: content tokens / real tokens (not SOT, EOT or padding) of the same samples.
+  `mask/vmlsd_chance`: what random masks hit: each expression's share of content tokens among its
+  real tokens (not SOT, EOT or padding), weighted by how many of its tokens are masked. (Unweighted,
+  short expressions, masked at a higher rate by the one-word minimum, would count too little.)
 
 hit / chance > 1 means the mask prefers the object (the content words). Counts are summed over
 an epoch and divided once, so every masked pixel (token) weighs the same whatever the batch.
@@ -73,7 +77,9 @@ class MaskStats:
     def add_vmlsd(self, masked: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor) -> None:
         """masked, real: B x L bool (masked tokens, the expression's tokens); tokens: B x L ids."""
         content = content_token_mask(tokens, real)
-        self._add("vmlsd", (masked & content).sum(), masked.sum(), content.sum(), real.sum())
+        n_masked = masked.sum(dim=1).double()
+        share = content.sum(dim=1).double() / real.sum(dim=1).clamp(min=1).double()
+        self._add("vmlsd", (masked & content).sum(), masked.sum(), (n_masked * share).sum(), n_masked.sum())
 
     def metrics(self) -> dict[str, float]:
         """`mask/<branch>_hit` and `mask/<branch>_chance` for each branch that drew masks."""
@@ -82,6 +88,9 @@ class MaskStats:
             hit, masked, share, whole = sums.tolist()
             out[f"mask/{branch}_hit"] = _ratio(hit, masked)
             out[f"mask/{branch}_chance"] = _ratio(share, whole)
+            if branch == "lmvsd":  # hit: masked object area; share: object area; whole: image area
+                out["mask/lmvsd_coverage"] = _ratio(hit, share)
+                out["mask/lmvsd_coverage_chance"] = _ratio(masked, whole)
         return out
 
 

@@ -3,11 +3,38 @@
 Main: P = f(I, T), L_seg = BCE(P, GT).
 LMVSD: mask the image patches chosen (by `strategy`) from their CLIP similarity to the
 sentence; L_v = D(f(I_masked, T), stopgrad(P)).
-VMLSD: mask the words chosen from their CLIP similarity to the image's global feature;
-L_t = D(f(I, T_masked), stopgrad(P)).
-L = L_seg + lambda_v * L_v + lambda_t * L_t (+ BCE against GT on a masked branch with
-`gt_on_masked`, unweighted). The masks are scored on the clean pass's features, and with
-shared weights a masked branch reuses the clean features of the modality it leaves intact.
+VMLSD: mask the words chosen from their CLIP similarity to the image's global feature (CLIP's
+pooled image embedding: the ResNet attention pool's output, a ViT's projected class token, what
+CLIP's contrastive loss aligned the text with); L_t = D(f(I, T_masked), stopgrad(P)).
+L = seg_weight * L_seg + lambda_v * L_v + lambda_t * L_t (+ BCE against GT on a masked branch with
+`gt_on_masked`, unweighted). With shared weights a masked branch reuses the clean features of the
+modality it leaves intact. The masked passes normalise with their own batch statistics but leave
+BatchNorm's running statistics to the clean pass (`clean_batch_stats`): evaluation sees clean
+images (measured before this: masked passes raised the stem's running variance 1.14x; recomputing
+the statistics on clean images gave `both` +0.52 val mIoU).
+`branches: joint` is MaskRIS's variant (`recipe: maskris`): one masked pass hides random cells
+(`fill: zero`, 0.75) and words (0.15, at least one per expression, BERT's 80/10/10 noise) together,
+L = seg_weight * L_seg + lambda_v * D(f(I_masked, T_masked), stopgrad(P)), 0.5 / 0.5 in MaskRIS.
+
+Where the masks come from (`scorer`). The paper says only that CM-MaskSD inherits CLIP's
+alignment. `live` scores with the model being fine-tuned, whose sentence feature leaves CLIP's
+joint space within ~50 steps (measured: cosine to the pretrained feature 0.54 at step 50; corr_top
+hits fall from 0.95x chance at step 0 to 0.32-0.38x from step 300 on, below random, because the
+background sits closer to any sentence than objects do). `frozen` scores with a no-grad copy of
+the pretrained towers taken when the model is built (`FrozenScorer`: outside the optimizer, the
+checkpoints, the parameter counts and prediction), so the masks keep the alignment CLIP had.
+`centre` subtracts each image's mean patch feature before the cosine (what every patch shares,
+background included, says nothing about which one the sentence names). `prediction` ranks cells
+by the teacher's own probability: an upper bound for guided masking, not CLIP correlation; it has
+nothing to say about words, so it is refused for VMLSD.
+Measured (`benchmarks/bench_scorers.py`, the default sweep's base, seed 0, 4 epochs, bf16 on an Intel
+Xeon; LMVSD coverage = share of the object masked over share of the image masked, 1 = random, at
+most 2 at ratio 0.5): live 0.35, 0.35, 0.37, 0.39 by epoch; frozen 0.99-1.01; frozen + centre
+1.25-1.27; prediction 1.83-2.00. VMLSD content-word hits over the unbiased chance: live 1.09-1.12,
+frozen 1.23-1.24. Val mIoU after 4 epochs (one seed, so within seed noise): live 43.9, frozen
+38.2, frozen + centre 40.7, prediction (LMVSD alone) 42.4. The default is frozen + centre: the only
+CLIP scorer whose masks stay guided through the run; whether guidance pays in mIoU is what the
+default sweep's seeds have to show.
 
 Masking cell (`mask_cell`, pixels). None keeps the backbone's own: a ResNet zeroes its
 stride-32 cells of the input, a ViT replaces whole patch tokens by the learned mask token (so a
@@ -16,8 +43,10 @@ masking 50 % zeroes about half the image, usually the referred object itself; Ma
 32 px cells at 448 px, a 14 x 14 grid. A ResNet with cell c masks an (H/c) x (W/c) grid: the
 patch-sentence similarity map is resampled to it bilinearly and the cells are chosen on it as
 before. The RefShapes profiles use 12 px (8 x 8); the paper profiles keep the stride (13 x 13 at
-416 px). `training_loss(..., stats=)` measures how often the masks hit the object and the
-content words (`mask_stats`).
+416 px); MaskRIS's 32 px at 448 px is about 8 px at 96 px (a 12 x 12 grid), what its RefShapes arm
+uses. `training_loss(..., stats=)` measures how often the masks hit the object and the content
+words (`mask_stats`). `fill` is what a ResNet's masked cells show: `zero` (0 in the normalised
+input: the mean colour; the literature's, and the paper profiles'), `black`, or `noise`.
 
 Which patch features the masks are scored on (`correlation`). CRIS's joint map is the attention
 pool with every position as a query; in CLIP that map localises the wrong way round (CLIP
@@ -30,7 +59,9 @@ allows at this ratio. `attention` keeps the plain reading for comparison.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -94,21 +125,64 @@ def cell_grid(grid: tuple[int, int], stride: int, cell: int | None) -> tuple[int
 
 
 @torch.no_grad()
-def correlation_cells(dense: torch.Tensor, sentence: torch.Tensor, grid: tuple[int, int], ratio: float,
-                      strategy: str, temperature: float) -> torch.Tensor:
-    """B x gh x gw cells to mask, scored by the cosine similarity of the B x E x h x w patch features
-    `dense` and the sentence in CLIP's joint space.
-
-    On a cell grid other than the backbone's, the score map is resampled to it (bilinear).
-    """
+def correlation_scores(dense: torch.Tensor, sentence: torch.Tensor, centre: bool = False) -> torch.Tensor:
+    """B x h x w cosine similarities of the B x E x h x w patch features `dense` and the sentence in
+    CLIP's joint space; `centre`: each image's mean patch feature subtracted first (what is common to
+    every patch, background included, says nothing about which patch the sentence names)."""
     patches = dense.flatten(2).transpose(1, 2).float()  # B x N x E
+    if centre:
+        patches = patches - patches.mean(dim=1, keepdim=True)
     scores = F.cosine_similarity(patches, sentence.float()[:, None], dim=-1)
-    if tuple(grid) != tuple(dense.shape[-2:]):
-        scores = F.interpolate(scores.view(-1, 1, *dense.shape[-2:]), size=grid, mode="bilinear",
-                               align_corners=False).flatten(1)
+    return scores.view(-1, *dense.shape[-2:])
+
+
+@torch.no_grad()
+def cells_from_scores(scores: torch.Tensor, grid: tuple[int, int], ratio: float, strategy: str,
+                      temperature: float) -> torch.Tensor:
+    """B x gh x gw cells to mask from a B x h x w score map, resampled to the cell grid (bilinear)."""
+    if tuple(grid) != tuple(scores.shape[-2:]):
+        scores = F.interpolate(scores[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
+    scores = scores.flatten(1)
     b, n = scores.shape
     k = mask_count(ratio, torch.full((b,), n, device=scores.device))
     return select_masked(scores, k, strategy, temperature).view(b, *grid)
+
+
+def correlation_cells(dense: torch.Tensor, sentence: torch.Tensor, grid: tuple[int, int], ratio: float,
+                      strategy: str, temperature: float, centre: bool = False) -> torch.Tensor:
+    """B x gh x gw cells to mask, scored by `correlation_scores`."""
+    return cells_from_scores(correlation_scores(dense, sentence, centre), grid, ratio, strategy, temperature)
+
+
+@contextlib.contextmanager
+def clean_batch_stats(module: nn.Module) -> Iterator[None]:
+    """Inside, BatchNorm layers normalise by the batch as in training but leave their running
+    statistics alone: those should describe clean images, which is what evaluation sees."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
+class FrozenScorer:
+    """A no-grad copy of the pretrained CLIP towers that scores the masks (`scorer: frozen`).
+
+    Not a submodule on purpose: it stays outside the optimizer, the checkpoints, the parameter
+    counts and DDP, stays in eval mode, and moves to the images' device when first used.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        self.backbone = copy.deepcopy(backbone).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[VisualFeatures, TextFeatures]:
+        if self.backbone.mean.device != images.device:
+            self.backbone.to(images.device)
+        return self.backbone.encode_image(images), self.backbone.encode_text(tokens)
 
 
 class CMMaskSD(nn.Module):
@@ -124,6 +198,8 @@ class CMMaskSD(nn.Module):
         self.seg = seg
         # Ablation of weight sharing: the masked branches get their own copy, same initialisation.
         self.student = copy.deepcopy(seg) if cfg.weights == "separate" and cfg.branches != "none" else None
+        # Taken now, while the backbone holds the pretrained weights (a resumed run loads over them later).
+        self.scorer = FrozenScorer(seg.backbone) if cfg.scorer == "frozen" and cfg.branches != "none" else None
 
     @property
     def masked_net(self) -> CRIS:
@@ -143,29 +219,39 @@ class CMMaskSD(nn.Module):
 
     def training_loss(self, images: torch.Tensor, tokens: torch.Tensor, gt_mask: torch.Tensor,
                       stats: MaskStats | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total loss and its parts {seg, lmvsd, vmlsd} (each as added to the total; 0 when off), the
-        parts as detached 0-dim tensors: reading one is a device sync, left to the caller.
+        """Total loss and its parts {seg, lmvsd, vmlsd} (each as added to the total; 0 when off; the
+        joint branch reports as lmvsd), the parts as detached 0-dim tensors: reading one is a device
+        sync, left to the caller.
 
         In eval mode only the main branch runs, so this is the validation loss of the main branch.
-        `stats`, if given, counts where the drawn masks fall (for the hit rates).
+        `stats`, if given, counts where the drawn masks fall (for the hit rates). The masked passes
+        leave BatchNorm's running statistics to the clean pass (`clean_batch_stats`).
         """
         cfg = self.cfg
         vis = self.seg.encode_image(images)
         txt = self.seg.encode_text(tokens)
         logits = self.seg.decode(vis, txt)
-        parts = {"seg": seg_loss(logits, gt_mask)}
-        if self._runs(cfg.use_lmvsd, cfg.lambda_v):
-            mask = self.patch_mask(vis, txt)
-            if stats is not None:
-                stats.add_lmvsd(mask, gt_mask)
-            parts["lmvsd"] = self._branch_loss(self._lmvsd_logits(images, tokens, mask, txt), logits, gt_mask,
-                                               cfg.lambda_v)
-        if self._runs(cfg.use_vmlsd, cfg.lambda_t):
-            mask = self.word_mask(vis, txt, tokens)
-            if stats is not None:
-                stats.add_vmlsd(mask, tokens, real_word_mask(tokens))
-            parts["vmlsd"] = self._branch_loss(self._vmlsd_logits(images, tokens, vis, mask), logits, gt_mask,
-                                               cfg.lambda_t)
+        parts = {"seg": cfg.seg_weight * seg_loss(logits, gt_mask)}
+        wants_cells = self._runs(cfg.use_lmvsd or cfg.use_joint, cfg.lambda_v)
+        wants_words = self._runs(cfg.use_vmlsd or cfg.use_joint, cfg.lambda_t if cfg.use_vmlsd else cfg.lambda_v)
+        scored = self._scoring_features(images, tokens, vis, txt) if wants_cells or wants_words else None
+        cells = self.patch_mask(*scored, logits) if wants_cells else None
+        words = self.word_mask(*scored, tokens) if wants_words else None
+        if stats is not None and cells is not None:
+            stats.add_lmvsd(cells, gt_mask)
+        if stats is not None and words is not None:
+            stats.add_vmlsd(words, tokens, real_word_mask(tokens))
+        with clean_batch_stats(self.masked_net):
+            if cfg.use_joint and cells is not None:
+                parts["lmvsd"] = self._branch_loss(self._masked_logits(images, tokens, vis, txt, cells, words),
+                                                   logits, gt_mask, cfg.lambda_v)
+            else:
+                if cells is not None:
+                    parts["lmvsd"] = self._branch_loss(self._masked_logits(images, tokens, vis, txt, cells, None),
+                                                       logits, gt_mask, cfg.lambda_v)
+                if words is not None:
+                    parts["vmlsd"] = self._branch_loss(self._masked_logits(images, tokens, vis, txt, None, words),
+                                                       logits, gt_mask, cfg.lambda_t)
         total = sum(parts.values())
         zero = total.new_zeros(()).detach()
         report = {"seg": zero, "lmvsd": zero, "vmlsd": zero} | {k: v.detach() for k, v in parts.items()}
@@ -182,27 +268,61 @@ class CMMaskSD(nn.Module):
         """The patch features the masks are scored on (`correlation`)."""
         return vis.values if self.cfg.correlation == "values" else vis.joint
 
-    def patch_mask(self, vis: VisualFeatures, txt: TextFeatures) -> torch.Tensor:
-        """B x gh x gw cells to mask for LMVSD (`correlation_cells` on the clean pass's features)."""
-        return correlation_cells(self.dense(vis), txt.sentence, self.mask_grid(vis.grid), self.cfg.mask_ratio_v,
-                                 self.cfg.strategy, self.cfg.sample_temperature)
+    def _scoring_features(self, images, tokens, vis: VisualFeatures, txt: TextFeatures):
+        """The features the masks are scored on: the clean pass's (live), or the frozen copy's."""
+        return self.scorer.encode(images, tokens) if self.scorer is not None else (vis, txt)
+
+    def patch_mask(self, vis: VisualFeatures, txt: TextFeatures, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """B x gh x gw cells to mask for LMVSD: scored by patch-sentence correlation, or (`scorer:
+        prediction`) by the teacher's probability averaged over each cell of the input."""
+        cfg = self.cfg
+        grid = self.mask_grid(vis.grid)
+        if cfg.scorer == "prediction":
+            with torch.no_grad():
+                scores = F.adaptive_avg_pool2d(torch.sigmoid(logits.detach().float()), grid)[:, 0]
+            return cells_from_scores(scores, grid, cfg.mask_ratio_v, cfg.strategy, cfg.sample_temperature)
+        return correlation_cells(self.dense(vis), txt.sentence, grid, cfg.mask_ratio_v, cfg.strategy,
+                                 cfg.sample_temperature, cfg.centre)
 
     def word_mask(self, vis: VisualFeatures, txt: TextFeatures, tokens: torch.Tensor) -> torch.Tensor:
-        """B x L words to mask for VMLSD, scored by word-image similarity (image = the mean patch feature)."""
+        """B x L words to mask for VMLSD, scored by their similarity to CLIP's pooled image embedding
+        (what CLIP's contrastive loss aligned the text with)."""
+        cfg = self.cfg
+        if vis.pooled is None:
+            raise ValueError(f"the {self.seg.backbone.tower.name} image tower gives no pooled image embedding "
+                             "(VisualFeatures.pooled), which VMLSD scores the words against")
         with torch.no_grad():
-            words = self.seg.backbone.project_words(txt.words).float()  # B x L x E
-            image = self.dense(vis).float().mean(dim=(2, 3))
-            scores = F.cosine_similarity(words, image[:, None], dim=-1)
+            scorer = self.scorer.backbone if self.scorer is not None else self.seg.backbone
+            words = scorer.project_words(txt.words).float()  # B x L x E
+            scores = F.cosine_similarity(words, vis.pooled.float()[:, None], dim=-1)
             real = real_word_mask(tokens)
-            k = mask_count(self.cfg.mask_ratio_t, real.sum(dim=1))
-            return select_masked(scores, k, self.cfg.strategy, self.cfg.sample_temperature, valid=real)
+            k = mask_count(cfg.mask_ratio_t, real.sum(dim=1))
+            return select_masked(scores, k, cfg.strategy, cfg.sample_temperature, valid=real)
 
-    def _lmvsd_logits(self, images, tokens, patch_mask: torch.Tensor, txt: TextFeatures) -> torch.Tensor:
-        net = self.masked_net
-        masked_vis = net.encode_image(images, patch_mask, drop=self.cfg.vit_masking == "drop")
-        return net.decode(masked_vis, txt if net is self.seg else net.encode_text(tokens))
+    def _masked_logits(self, images, tokens, vis: VisualFeatures, txt: TextFeatures,
+                       cells: torch.Tensor | None, words: torch.Tensor | None) -> torch.Tensor:
+        """The masked pass: image cells and/or words hidden; with shared weights the clean features
+        of a modality left intact are reused."""
+        net, cfg = self.masked_net, self.cfg
+        shared = net is self.seg
+        if cells is not None:
+            masked_vis = net.encode_image(images, cells, drop=cfg.vit_masking == "drop", fill=cfg.fill)
+        else:
+            masked_vis = vis if shared else net.encode_image(images)
+        if words is not None:
+            masked_txt = net.encode_text(*self._hidden_words(tokens, words))
+        else:
+            masked_txt = txt if shared else net.encode_text(tokens)
+        return net.decode(masked_vis, masked_txt)
 
-    def _vmlsd_logits(self, images, tokens, vis: VisualFeatures, word_mask: torch.Tensor) -> torch.Tensor:
-        net = self.masked_net
-        masked_txt = net.encode_text(tokens, word_mask)
-        return net.decode(vis if net is self.seg else net.encode_image(images), masked_txt)
+    def _hidden_words(self, tokens: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, word mask) for the text encoder: every chosen word to the mask token, or BERT's
+        80 / 10 / 10 (mask token / a random token / left as it is)."""
+        if self.cfg.word_noise == "mask":
+            return tokens, words
+        draw = torch.rand(words.shape, device=words.device)
+        to_token, to_random = words & (draw < 0.8), words & (draw >= 0.8) & (draw < 0.9)
+        # Any id but padding and CLIP's last two, start- and end-of-text (the end marks where the sentence ends).
+        vocab = self.masked_net.backbone.clip.token_embedding.num_embeddings
+        random_ids = torch.randint_like(tokens, 1, vocab - 2)
+        return torch.where(to_random, random_ids, tokens), to_token

@@ -36,6 +36,7 @@ from pipeline.contract import (
     DEFAULT_GRIDS,
     FIGURES_DIR,
     GIT_COMMIT,
+    MASK,
     PRECISION,
     RUNTIME_PARAM,
     SELECT_SPLIT,
@@ -83,7 +84,23 @@ def summary_metrics(sweep: Sweep | None, best, n_trials: int, n_missing: int) ->
             metrics[f"best_{split}_delta_miou"] = get(best, "miou", "delta", split)
     significant = get(best, "miou", "significant")
     metrics["best_delta_significant"] = None if significant is None else bool(significant)
+    metrics |= mask_ratios(sweep.default_arm() if sweep else None)
     return metrics
+
+
+def mask_ratios(variant) -> dict:
+    """Where the default CM-MaskSD arm's masks fell in its last epoch, over chance, mean over seeds:
+    `mask_coverage_ratio` (LMVSD: share of the object masked / share of the image masked) and
+    `word_hit_ratio` (VMLSD: content share of the masked words / what random masks would hit)."""
+    def ratio(num: str, den: str) -> float | None:
+        trials = variant.trials if variant is not None else pd.DataFrame()
+        if not {num, den} <= set(trials.columns):
+            return None
+        value = (trials[num] / trials[den]).mean()
+        return None if pd.isna(value) else float(value)
+
+    return {"mask_coverage_ratio": ratio(f"{MASK}lmvsd_coverage", f"{MASK}lmvsd_coverage_chance"),
+            "word_hit_ratio": ratio(f"{MASK}vmlsd_hit", f"{MASK}vmlsd_chance")}
 
 
 def _write(path: Path, text: str) -> None:

@@ -24,11 +24,15 @@ from pipeline.report.load import typed
 DELTA_METRICS = ("miou", "oiou")  # computed from per-expression counts, so they get intervals
 COSTS = {name: f"{COST}{name}" for name in ("step_time_s", "peak_mem_mb", "params_total", "params_extra")}
 # where the last epoch's training masks fell, against chance (`cmmasksd.model.mask_stats`)
-MASK_HITS = {name: f"{MASK}{name}" for name in ("lmvsd_hit", "lmvsd_chance", "vmlsd_hit", "vmlsd_chance")}
-BRANCH_ROWS = {"none": "CRIS baseline", "lmvsd": "+LMVSD", "vmlsd": "+VMLSD", "both": "+LMVSD +VMLSD"}
+MASK_HITS = {name: f"{MASK}{name}" for name in ("lmvsd_hit", "lmvsd_chance", "lmvsd_coverage",
+                                                "lmvsd_coverage_chance", "vmlsd_hit", "vmlsd_chance")}
+BRANCH_ROWS = {"none": "CRIS baseline", "lmvsd": "+LMVSD", "vmlsd": "+VMLSD", "both": "+LMVSD +VMLSD",
+               "joint": "+joint masked pass (MaskRIS)"}
 TITLES = {"masksd.branches": "Branches", "masksd.strategy": "Masking strategy",
           "masksd.weights": "Weight sharing of the masked branches", "masksd.distill_loss": "Distillation loss",
           "masksd.gt_on_masked": "GT supervision on the masked branches",
+          "masksd.scorer": "Where the masks come from (scorer)", "masksd.centre": "Centred correlation",
+          "masksd.fill": "What masked cells show (fill)", "masksd.recipe": "Recipe: CM-MaskSD against MaskRIS",
           ("masksd.mask_ratio_v", "masksd.mask_ratio_t"): "Mask ratio grid (image x text)",
           ("masksd.lambda_v", "masksd.lambda_t"): "Distillation weight grid (lambda v x lambda t)"}
 LONG_COLUMNS = ["table", "split", "row", "col", "variant", "metric", "mean", "std", "n", "delta", "ci_low",
@@ -84,6 +88,15 @@ class Sweep:
         found = {c.split("/")[1] for c in trials.columns if c.startswith(FINAL) and c.endswith("/miou")}
         self.splits = sorted(found, key=lambda s: (s != SELECT_SPLIT, s))
         self._stats: dict[tuple[str, str], dict[str, dict]] = {}
+
+    def default_arm(self) -> Variant | None:
+        """The CM-MaskSD arm as the base config defines it: the variant that overrides nothing but
+        `masksd.branches`, to a branch that masks (the default sweep's `both`)."""
+        for variant in self.variants.values():
+            rest = {k: v for k, v in variant.overrides.items() if k != "masksd.branches"}
+            if not rest and variant.overrides.get("masksd.branches", "both") != "none":
+                return variant
+        return None
 
     def ordered(self) -> list[Variant]:
         """The baseline first, then by val mIoU, best first."""

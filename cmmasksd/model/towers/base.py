@@ -17,6 +17,7 @@ class VisualFeatures:
     joint: torch.Tensor  # B x embed_dim x gh x gw: patch features in CLIP's joint space
     grid: tuple[int, int]  # (gh, gw): the patch grid a `patch_mask` refers to
     values: torch.Tensor  # B x embed_dim x gh x gw: each patch's value path into the joint space
+    pooled: torch.Tensor | None = None  # B x embed_dim: CLIP's image embedding (what its contrastive loss saw)
 
 
 class VisualTower(ABC):
@@ -53,9 +54,10 @@ class VisualTower(ABC):
 
     @abstractmethod
     def encode(self, backbone: nn.Module, x: torch.Tensor, patch_mask: torch.Tensor | None,
-               drop: bool) -> VisualFeatures:
+               drop: bool, fill: str = "zero") -> VisualFeatures:
         """Normalised B x 3 x S x S images -> `VisualFeatures`, with the B x gh x gw `patch_mask`
-        (True = masked) applied as this family masks; `drop` is True only if `supports_drop`."""
+        (True = masked) applied as this family masks; `drop` is True only if `supports_drop`;
+        `fill` (`masksd.fill`) is what a family that hides pixels puts in a masked cell."""
 
 
 _TOWERS: dict[type[nn.Module], type[VisualTower]] = {}

@@ -70,6 +70,20 @@ def cells_to_pixels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return mask.repeat_interleave(cell, dim=1).repeat_interleave(cell, dim=2)
 
 
+def fill_cells(x: torch.Tensor, masked: torch.Tensor, fill: str, backbone: nn.Module) -> torch.Tensor:
+    """The normalised images with the B x H x W `masked` pixels replaced (`masksd.fill`): zero (the
+    mean colour), black (pixel value 0) or noise (N(0, 1) in the normalised space)."""
+    if fill == "zero":
+        value = torch.zeros_like(x)
+    elif fill == "black":
+        value = (-backbone.mean / backbone.std).to(x.dtype).expand_as(x)
+    elif fill == "noise":
+        value = torch.randn_like(x)
+    else:
+        raise ValueError(f"unknown fill {fill!r}; expected zero, black or noise")
+    return torch.where(masked[:, None], value, x)
+
+
 class ResNetTower(VisualTower):
     """Levels: layer2 (stride 8), layer3 (16), and CRIS's stride-32 map, the attention pool with every
     position as a query plus a 1x1 conv + BN residual from layer4 (`pool_residual`, a new layer).
@@ -92,15 +106,15 @@ class ResNetTower(VisualTower):
                                                nn.BatchNorm2d(self.embed_dim))}
 
     def encode(self, backbone: nn.Module, x: torch.Tensor, patch_mask: torch.Tensor | None,
-               drop: bool) -> VisualFeatures:
+               drop: bool, fill: str = "zero") -> VisualFeatures:
         visual = backbone.clip.visual
-        if patch_mask is not None:  # zero the masked cells (= the mean colour)
-            keep = ~cells_to_pixels(patch_mask, tuple(x.shape[-2:]))
-            x = x * keep[:, None].to(x.dtype)
+        if patch_mask is not None:
+            x = fill_cells(x, cells_to_pixels(patch_mask, tuple(x.shape[-2:])), fill, backbone)
         f8 = visual.layer2(visual.layer1(visual.stem(x)))
         f16 = visual.layer3(f8)
         c5 = visual.layer4(f16)
         b, _, h, w = c5.shape
-        joint = spatial_attention_pool(visual.attnpool, c5)[1:].permute(1, 2, 0).reshape(b, -1, h, w)
+        pooled = spatial_attention_pool(visual.attnpool, c5)
+        joint = pooled[1:].permute(1, 2, 0).reshape(b, -1, h, w)
         f32 = F.relu(joint + backbone.pool_residual(c5))
-        return VisualFeatures([f8, f16, f32], joint, (h, w), value_path(visual.attnpool, c5))
+        return VisualFeatures([f8, f16, f32], joint, (h, w), value_path(visual.attnpool, c5), pooled[0])

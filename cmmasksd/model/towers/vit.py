@@ -49,7 +49,7 @@ class ViTTower(VisualTower):
                              f"(a ViT masks whole tokens), got {cell}")
 
     def encode(self, backbone: nn.Module, x: torch.Tensor, patch_mask: torch.Tensor | None,
-               drop: bool) -> VisualFeatures:
+               drop: bool, fill: str = "zero") -> VisualFeatures:
         """Masked patches are replaced by the mask token at the input (`drop` False), or dropped.
 
         Dropping (MAE): the visible tokens, with their positional embeddings, are encoded alone, so
@@ -91,7 +91,8 @@ class ViTTower(VisualTower):
             for i, s in zip(self.vit_layers, _LEVEL_STRIDES)
         ]
         joint = (visual.ln_post(x[:, 1:]) @ visual.proj).transpose(1, 2).reshape(b, -1, h, w)
-        return VisualFeatures(levels, joint, (h, w), _values(visual, before_last[:, 1:], (h, w)))
+        pooled = visual.ln_post(x[:, 0]) @ visual.proj  # the class token: CLIP's image embedding
+        return VisualFeatures(levels, joint, (h, w), _values(visual, before_last[:, 1:], (h, w)), pooled)
 
 
 def _drop_masked(x: torch.Tensor, masked: torch.Tensor, token: torch.Tensor):
