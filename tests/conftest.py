@@ -81,3 +81,15 @@ def tiny_config(prepared_root, tmp_path):
         return debug_config(prepared_root, out_dir, **overrides)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def tiny_cris():
+    """One tiny CRIS per backbone (`rn`, `vit`), with mask tokens; tests work on deep copies (`helpers.wrap`)."""
+    import torch
+
+    from cmmasksd.model import create_cris, get_model_config
+
+    torch.manual_seed(0)
+    return {kind: create_cris(get_model_config(name), with_mask_tokens=True)
+            for kind, name in {"rn": "cris-tiny-rn", "vit": "cris-tiny-vit"}.items()}

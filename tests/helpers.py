@@ -7,10 +7,13 @@
   (or Ctrl-C) after a number of prepared images, for preprocessing's.
 - `make_repo`, `run_stage`, `child_runs`, `rest` and the trials-table columns: a copy of the project
   whose stages run for real on tiny settings (the sweep, the report, `dvc repro`).
+- `wrap`, `make_tokens`, `make_batch`: a tiny CRIS (the `tiny_cris` fixture) as CM-MaskSD, and inputs
+  for it, for the model tests.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -21,13 +24,44 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from cmmasksd.config import apply_overrides, deep_merge, read_profile
+from cmmasksd.config import MaskSDConfig, apply_overrides, deep_merge, read_profile
 from cmmasksd.metrics import METRIC_NAMES
 
 PROJECT = Path(__file__).resolve().parent.parent
+SOT, EOT = 49406, 49407  # CLIP's start- and end-of-text token ids
 DEBUG_PROFILE = "debug"
+
+
+# ---- tiny models and inputs -----------------------------------------------------------------------
+
+def wrap(tiny_cris: dict, kind: str, **switches):
+    """A deep copy of `tiny_cris[kind]` as CM-MaskSD in train mode; the live, uncentred scorer unless a
+    test asks for another, so the masks come from the features under test."""
+    from cmmasksd.model import CMMaskSD
+
+    config = MaskSDConfig(**{"scorer": "live", "centre": False, **switches})
+    return CMMaskSD(copy.deepcopy(tiny_cris[kind]), config).train()
+
+
+def make_tokens(word_len: int = 17, lengths=(4, 2)) -> torch.Tensor:
+    """SOT, n word ids, EOT, padding, one row per entry of `lengths`."""
+    tokens = torch.zeros(len(lengths), word_len, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        tokens[row, 0] = SOT
+        tokens[row, 1:n + 1] = torch.arange(100, 100 + n)
+        tokens[row, n + 1] = EOT
+    return tokens
+
+
+def make_batch(size: int = 64, word_len: int = 17, lengths=(4, 2)):
+    """Random uint8 images, `make_tokens`, and random binary masks, seeded."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (len(lengths), 3, size, size), dtype=torch.uint8, generator=g)
+    gt = (torch.rand(len(lengths), 1, size, size, generator=g) > 0.5).float()
+    return images, make_tokens(word_len, lengths), gt
 
 
 # ---- the tiny training setting -------------------------------------------------------------------

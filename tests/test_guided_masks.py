@@ -14,45 +14,20 @@ import math
 import open_clip
 import pytest
 import torch
+from helpers import EOT, SOT, make_batch, wrap
 from pydantic import ValidationError
 from torch import nn
 
 from cmmasksd.config import MaskSDConfig, apply_overrides, build_config, read_profile
-from cmmasksd.model import CMMaskSD, TextFeatures, VisualFeatures, create_cris, get_model_config, parameter_report
-from cmmasksd.model import mask_stats, masksd
+from cmmasksd.model import (
+    CMMaskSD,
+    TextFeatures,
+    VisualFeatures,
+    mask_stats,
+    masksd,
+    parameter_report,
+)
 from cmmasksd.model.towers import resnet
-
-SOT, EOT = 49406, 49407
-TINY = {"rn": "cris-tiny-rn", "vit": "cris-tiny-vit"}
-
-
-@pytest.fixture(scope="module")
-def tiny_cris():
-    """One tiny CRIS per backbone, with mask tokens; tests work on deep copies."""
-    torch.manual_seed(0)
-    return {kind: create_cris(get_model_config(name), with_mask_tokens=True) for kind, name in TINY.items()}
-
-
-def wrap(tiny_cris, kind: str, **switches) -> CMMaskSD:
-    """The live, uncentred scorer unless a test asks for another: the masks come from the features under test."""
-    return CMMaskSD(copy.deepcopy(tiny_cris[kind]), MaskSDConfig(**{"scorer": "live", "centre": False, **switches})).train()
-
-
-def make_tokens(word_len: int = 17, lengths=(4, 2)) -> torch.Tensor:
-    """SOT, n word ids, EOT, padding, one row per entry of `lengths`."""
-    tokens = torch.zeros(len(lengths), word_len, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        tokens[row, 0] = SOT
-        tokens[row, 1:n + 1] = torch.arange(100, 100 + n)
-        tokens[row, n + 1] = EOT
-    return tokens
-
-
-def make_batch(size: int = 64, lengths=(4, 2)):
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (len(lengths), 3, size, size), dtype=torch.uint8, generator=g)
-    gt = (torch.rand(len(lengths), 1, size, size, generator=g) > 0.5).float()
-    return images, make_tokens(17, lengths), gt
 
 
 def tokenize(*texts: str) -> torch.Tensor:

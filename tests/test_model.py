@@ -3,43 +3,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_batch, make_tokens, wrap
 
 from cmmasksd.config import MaskSDConfig
-from cmmasksd.model import CMMaskSD, TextFeatures, VisualFeatures, create_cris, get_model_config, parameter_report
-from cmmasksd.model.towers.resnet import spatial_attention_pool, value_path
+from cmmasksd.model import TextFeatures, VisualFeatures, create_cris, get_model_config, parameter_report
 from cmmasksd.model.masksd import mask_count, real_word_mask, select_masked
-
-SOT, EOT = 49406, 49407
-TINY = {"rn": "cris-tiny-rn", "vit": "cris-tiny-vit"}
-
-
-@pytest.fixture(scope="module")
-def tiny_cris():
-    """One tiny CRIS per backbone, with mask tokens; tests work on deep copies."""
-    torch.manual_seed(0)
-    return {kind: create_cris(get_model_config(name), with_mask_tokens=True) for kind, name in TINY.items()}
-
-
-def make_tokens(word_len: int, lengths=(4, 2)) -> torch.Tensor:
-    """SOT, n word ids, EOT, padding, one row per entry of `lengths`."""
-    tokens = torch.zeros(len(lengths), word_len, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        tokens[row, 0] = SOT
-        tokens[row, 1:n + 1] = torch.arange(100, 100 + n)
-        tokens[row, n + 1] = EOT
-    return tokens
-
-
-def make_batch(size: int = 64, word_len: int = 17, lengths=(4, 2)):
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (len(lengths), 3, size, size), dtype=torch.uint8, generator=g)
-    gt = (torch.rand(len(lengths), 1, size, size, generator=g) > 0.5).float()
-    return images, make_tokens(word_len, lengths), gt
-
-
-def wrap(tiny_cris, kind: str, **masksd) -> CMMaskSD:
-    """The live, uncentred scorer unless a test asks for another: the masks come from the features under test."""
-    return CMMaskSD(copy.deepcopy(tiny_cris[kind]), MaskSDConfig(**{"scorer": "live", "centre": False, **masksd})).train()
+from cmmasksd.model.towers.resnet import spatial_attention_pool, value_path
 
 
 def count_calls(obj, name: str) -> list:
