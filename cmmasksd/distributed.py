@@ -62,8 +62,8 @@ class TrainingStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, tokens, masks, stats=None):
-        return self.model.training_loss(images, tokens, masks, stats)
+    def forward(self, images, tokens, masks, stats=None, content=None):
+        return self.model.training_loss(images, tokens, masks, stats, content)
 
 
 def training_step(model: nn.Module, device: torch.device, ctx: Dist) -> nn.Module:

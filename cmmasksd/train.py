@@ -210,8 +210,9 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
             images = batch["image"].to(device, non_blocking=True)
             tokens = batch["tokens"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
+            content = batch["content"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, parts = step(images, tokens, masks, mask_stats)
+                loss, parts = step(images, tokens, masks, mask_stats, content)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.optim.grad_clip:

@@ -525,3 +525,37 @@ def test_word_mask_without_a_pooled_embedding_fails_clearly(tiny_cris):
         assert "pooled" in str(error)
     else:
         assert chosen.sum(1).tolist() == [2, 1]
+
+
+# ---- the letterbox border ------------------------------------------------------------------------------
+
+
+def test_cells_wholly_inside_the_letterbox_border_are_never_masked(tiny_cris):
+    """A wide picture letterboxed into the top half of the input: the bottom half is border, and no
+    cell there is a candidate; the ratio applies to the picture's cells."""
+    content = torch.tensor([[0, 0, 32, 64], [0, 0, 64, 64]])  # top, left, bottom, right: sample 1 is all picture
+    assert masksd.picture_cells(content, (8, 8), (64, 64))[0].sum() == 32
+    assert masksd.picture_cells(torch.tensor([[0, 0, 33, 64]]), (8, 8), (64, 64))[0, 4].all()  # one row of it
+    model = wrap(tiny_cris, "rn", branches="lmvsd", mask_cell=8, strategy="random", mask_ratio_v=0.5)
+    images, tokens, gt = make_batch(64)
+    drawn = []
+    model.seg.encode_image = lambda images, cells=None, drop=False, fill="zero", _f=model.seg.encode_image: (
+        drawn.append(cells) if cells is not None else None) or _f(images, cells, drop, fill)
+    for _ in range(5):
+        model.training_loss(images, tokens, gt, content=content)
+    for cells in drawn:
+        assert not cells[0, 4:].any() and int(cells[0].sum()) == 16  # half of the 32 picture cells
+        assert int(cells[1].sum()) == 32  # half of all 64
+
+
+def test_a_picture_without_border_draws_the_masks_it_drew_before(tiny_cris):
+    """RefShapes has no border: with its full-picture box the masks (random ones included) and the
+    loss are exactly those drawn without a box."""
+    images, tokens, gt = make_batch(64)
+    full = torch.tensor([[0, 0, 64, 64]] * len(tokens))
+    losses = []
+    for content in (None, full):
+        model = wrap(tiny_cris, "rn", mask_cell=8, strategy="random")
+        torch.manual_seed(3)
+        losses.append(model.training_loss(images, tokens, gt, content=content)[0])
+    assert torch.equal(losses[0], losses[1])

@@ -50,8 +50,12 @@ class RefSegDataset(Dataset):
             sent_idx = index
             obj_idx = int(self.split.sentence_object[sent_idx])
         tokens = self._blank if self._blank is not None else self.split.tokens(sent_idx)
-        image = self.split.image(int(self.split.object_image[obj_idx]))
+        image_idx = int(self.split.object_image[obj_idx])
+        image = self.split.image(image_idx)
+        meta = self.split.meta(image_idx)
         return {
+            # the letterboxed picture's box in the input (top, left, bottom, right): the rest is border
+            "content": torch.tensor([meta.pad_y, meta.pad_x, meta.pad_y + meta.content_h, meta.pad_x + meta.content_w]),
             "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
             "tokens": torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
             "mask": torch.from_numpy(self.split.mask(obj_idx)).float()[None],

@@ -136,22 +136,39 @@ def correlation_scores(dense: torch.Tensor, sentence: torch.Tensor, centre: bool
     return scores.view(-1, *dense.shape[-2:])
 
 
+def picture_cells(content: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """B x gh x gw: the cells that show some of the picture, given each sample's B x 4 content box
+    (top, left, bottom, right, input pixels); a cell wholly inside the letterbox border shows none."""
+    cell_h, cell_w = size[0] / grid[0], size[1] / grid[1]
+    rows = torch.arange(grid[0], device=content.device)
+    cols = torch.arange(grid[1], device=content.device)
+    top, left, bottom, right = (content[:, i, None] for i in range(4))
+    in_rows = ((rows + 1) * cell_h > top) & (rows * cell_h < bottom)  # B x gh
+    in_cols = ((cols + 1) * cell_w > left) & (cols * cell_w < right)  # B x gw
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
 @torch.no_grad()
 def cells_from_scores(scores: torch.Tensor, grid: tuple[int, int], ratio: float, strategy: str,
-                      temperature: float) -> torch.Tensor:
-    """B x gh x gw cells to mask from a B x h x w score map, resampled to the cell grid (bilinear)."""
+                      temperature: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """B x gh x gw cells to mask from a B x h x w score map, resampled to the cell grid (bilinear);
+    `valid` (B x gh x gw), if given, the candidates: the ratio applies to them."""
     if tuple(grid) != tuple(scores.shape[-2:]):
         scores = F.interpolate(scores[:, None], size=grid, mode="bilinear", align_corners=False)[:, 0]
     scores = scores.flatten(1)
     b, n = scores.shape
-    k = mask_count(ratio, torch.full((b,), n, device=scores.device))
-    return select_masked(scores, k, strategy, temperature).view(b, *grid)
+    if valid is None:
+        k = mask_count(ratio, torch.full((b,), n, device=scores.device))
+        return select_masked(scores, k, strategy, temperature).view(b, *grid)
+    valid = valid.flatten(1)
+    return select_masked(scores, mask_count(ratio, valid.sum(dim=1)), strategy, temperature, valid).view(b, *grid)
 
 
 def correlation_cells(dense: torch.Tensor, sentence: torch.Tensor, grid: tuple[int, int], ratio: float,
-                      strategy: str, temperature: float, centre: bool = False) -> torch.Tensor:
+                      strategy: str, temperature: float, centre: bool = False,
+                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """B x gh x gw cells to mask, scored by `correlation_scores`."""
-    return cells_from_scores(correlation_scores(dense, sentence, centre), grid, ratio, strategy, temperature)
+    return cells_from_scores(correlation_scores(dense, sentence, centre), grid, ratio, strategy, temperature, valid)
 
 
 @contextlib.contextmanager
@@ -218,14 +235,16 @@ class CMMaskSD(nn.Module):
         return self.training and enabled and (weight > 0 or self.cfg.gt_on_masked)
 
     def training_loss(self, images: torch.Tensor, tokens: torch.Tensor, gt_mask: torch.Tensor,
-                      stats: MaskStats | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      stats: MaskStats | None = None,
+                      content: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and its parts {seg, lmvsd, vmlsd} (each as added to the total; 0 when off; the
         joint branch reports as lmvsd), the parts as detached 0-dim tensors: reading one is a device
         sync, left to the caller.
 
         In eval mode only the main branch runs, so this is the validation loss of the main branch.
-        `stats`, if given, counts where the drawn masks fall (for the hit rates). The masked passes
-        leave BatchNorm's running statistics to the clean pass (`clean_batch_stats`).
+        `stats`, if given, counts where the drawn masks fall (for the hit rates). `content` (B x 4,
+        the letterboxed picture's box) keeps cells wholly inside the border out of the LMVSD candidates.
+        The masked passes leave BatchNorm's running statistics to the clean pass (`clean_batch_stats`).
         """
         cfg = self.cfg
         vis = self.seg.encode_image(images)
@@ -235,7 +254,7 @@ class CMMaskSD(nn.Module):
         wants_cells = self._runs(cfg.use_lmvsd or cfg.use_joint, cfg.lambda_v)
         wants_words = self._runs(cfg.use_vmlsd or cfg.use_joint, cfg.lambda_t if cfg.use_vmlsd else cfg.lambda_v)
         scored = self._scoring_features(images, tokens, vis, txt) if wants_cells or wants_words else None
-        cells = self.patch_mask(*scored, logits) if wants_cells else None
+        cells = self.patch_mask(*scored, logits, content, tuple(images.shape[-2:])) if wants_cells else None
         words = self.word_mask(*scored, tokens) if wants_words else None
         if stats is not None and cells is not None:
             stats.add_lmvsd(cells, gt_mask)
@@ -272,17 +291,21 @@ class CMMaskSD(nn.Module):
         """The features the masks are scored on: the clean pass's (live), or the frozen copy's."""
         return self.scorer.encode(images, tokens) if self.scorer is not None else (vis, txt)
 
-    def patch_mask(self, vis: VisualFeatures, txt: TextFeatures, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def patch_mask(self, vis: VisualFeatures, txt: TextFeatures, logits: torch.Tensor | None = None,
+                   content: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
         """B x gh x gw cells to mask for LMVSD: scored by patch-sentence correlation, or (`scorer:
-        prediction`) by the teacher's probability averaged over each cell of the input."""
+        prediction`) by the teacher's probability averaged over each cell of the input; with `content`
+        (and the input `size`), only cells that show some of the picture are candidates."""
         cfg = self.cfg
         grid = self.mask_grid(vis.grid)
+        # (Not for a ViT that drops its masked patches: it needs the same number masked in every image.)
+        valid = picture_cells(content, grid, size) if content is not None and cfg.vit_masking != "drop" else None
         if cfg.scorer == "prediction":
             with torch.no_grad():
                 scores = F.adaptive_avg_pool2d(torch.sigmoid(logits.detach().float()), grid)[:, 0]
-            return cells_from_scores(scores, grid, cfg.mask_ratio_v, cfg.strategy, cfg.sample_temperature)
+            return cells_from_scores(scores, grid, cfg.mask_ratio_v, cfg.strategy, cfg.sample_temperature, valid)
         return correlation_cells(self.dense(vis), txt.sentence, grid, cfg.mask_ratio_v, cfg.strategy,
-                                 cfg.sample_temperature, cfg.centre)
+                                 cfg.sample_temperature, cfg.centre, valid)
 
     def word_mask(self, vis: VisualFeatures, txt: TextFeatures, tokens: torch.Tensor) -> torch.Tensor:
         """B x L words to mask for VMLSD, scored by their similarity to CLIP's pooled image embedding
