@@ -8,7 +8,8 @@
 - `make_repo`, `run_stage`, `child_runs`, `rest` and the trials-table columns: a copy of the project
   whose stages run for real on tiny settings (the sweep, the report, `dvc repro`).
 - `wrap`, `make_tokens`, `make_batch`: a tiny CRIS (the `tiny_cris` fixture) as CM-MaskSD, and inputs
-  for it, for the model tests.
+  for it, for the model tests; `record_calls`, `masked_inputs`, `patch_masks`, `word_masks`: what the
+  masked passes handed the encoders.
 """
 
 from __future__ import annotations
@@ -56,12 +57,55 @@ def make_tokens(word_len: int = 17, lengths=(4, 2)) -> torch.Tensor:
     return tokens
 
 
+def tokenize(*texts: str) -> torch.Tensor:
+    """CLIP BPE tokens of `texts`, 17 per row (the prepared RefShapes text length)."""
+    import open_clip
+
+    return open_clip.SimpleTokenizer(context_length=17)(list(texts))
+
+
 def make_batch(size: int = 64, word_len: int = 17, lengths=(4, 2)):
     """Random uint8 images, `make_tokens`, and random binary masks, seeded."""
     g = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (len(lengths), 3, size, size), dtype=torch.uint8, generator=g)
     gt = (torch.rand(len(lengths), 1, size, size, generator=g) > 0.5).float()
     return images, make_tokens(word_len, lengths), gt
+
+
+# ---- what a model's encoders were handed ---------------------------------------------------------
+
+def record_calls(obj, name: str) -> list:
+    """Wrap `obj.<name>` so every call appends its (args, kwargs) to the returned list."""
+    calls, original = [], getattr(obj, name)
+
+    def recorded(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    setattr(obj, name, recorded)
+    return calls
+
+
+def masked_inputs(model) -> tuple[list, list]:
+    """Recorders of the masks the masked passes hand the encoders: (patch masks, (tokens, word masks))."""
+    images, texts = record_calls(model.seg, "encode_image"), record_calls(model.seg, "encode_text")
+    return images, texts
+
+
+def _second(args, kwargs, name: str):
+    return args[1] if len(args) > 1 else kwargs.get(name)
+
+
+def patch_masks(calls) -> list[torch.Tensor]:
+    """The patch masks of the recorded `encode_image(images, patch_mask, ...)` calls that had one."""
+    masks = [_second(args, kwargs, "patch_mask") for args, kwargs in calls]
+    return [mask for mask in masks if mask is not None]
+
+
+def word_masks(calls) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens, word mask) of the recorded `encode_text(tokens, word_mask)` calls that had one."""
+    masks = [(args[0] if args else kwargs["tokens"], _second(args, kwargs, "word_mask")) for args, kwargs in calls]
+    return [(tokens, mask) for tokens, mask in masks if mask is not None]
 
 
 # ---- the tiny training setting -------------------------------------------------------------------

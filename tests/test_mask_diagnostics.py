@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-import open_clip
 import pytest
 import torch
+from helpers import tokenize
 
 from cmmasksd.config import MaskSDConfig, build_config
 from cmmasksd.data.refshapes import COLOURS, SHAPES, SIZES
@@ -74,10 +74,6 @@ def test_random_masks_hit_the_object_at_chance():
     # random cells cover the object as they cover anything: the masked share of the image, 16 / 64
     assert metrics["mask/lmvsd_coverage_chance"] == 16 / 64
     assert metrics["mask/lmvsd_coverage"] == pytest.approx(16 / 64, abs=0.01)
-
-
-def tokenize(*texts: str) -> torch.Tensor:
-    return open_clip.SimpleTokenizer(context_length=17)(list(texts))
 
 
 def test_vmlsd_hit_counts_masked_content_words_against_their_share():
