@@ -284,7 +284,7 @@ def fill_case(tiny_cris):
     return backbone, images, x, masked
 
 
-@pytest.mark.parametrize("fill", ["zero", "black", "noise"])
+@pytest.mark.parametrize("fill", ["zero", "black", "noise", "median"])
 def test_fill_leaves_unmasked_pixels_untouched(tiny_cris, fill):
     backbone, _, x, masked = fill_case(tiny_cris)
     out = resnet.fill_cells(x, masked, fill, backbone)
@@ -297,6 +297,18 @@ def test_zero_fill_is_zero_in_the_normalised_input(tiny_cris):
     backbone, _, x, masked = fill_case(tiny_cris)
     out = resnet.fill_cells(x, masked, "zero", backbone)
     assert torch.all(out[masked[:, None].expand_as(x)] == 0)
+
+
+def test_median_fill_is_each_images_median_colour(tiny_cris):
+    """On a plain background the median colour is the background: masked cells vanish into it."""
+    backbone, _, x, masked = fill_case(tiny_cris)
+    x = x.clone()
+    x[1] = x[1, :, :1, :1]  # image 1: one colour everywhere, as a plain background
+    out = resnet.fill_cells(x, masked, "median", backbone)
+    for i in range(2):
+        median = x[i].flatten(1).median(dim=1).values
+        assert torch.equal(out[i][:, masked[i]], median[:, None].expand(-1, int(masked[i].sum())))
+    assert torch.equal(out[1], x[1])  # filling a plain image with its median changes nothing
 
 
 def test_black_fill_is_the_normalised_value_of_pixel_0(tiny_cris):

@@ -46,7 +46,9 @@ before. The RefShapes profiles use 12 px (8 x 8); the paper profiles keep the st
 416 px); MaskRIS's 32 px at 448 px is about 8 px at 96 px (a 12 x 12 grid), what its RefShapes arm
 uses. `training_loss(..., stats=)` measures how often the masks hit the object and the content
 words (`mask_stats`). `fill` is what a ResNet's masked cells show: `zero` (0 in the normalised
-input: the mean colour; the literature's, and the paper profiles'), `black`, or `noise`.
+input: the mean colour; the literature's, and the paper profiles'), `black`, `noise`, or `median`
+(each image's median colour, the default: on RefShapes the mean colour's cells read as extra shapes,
+measured in `benchmarks/bench_fill.py`).
 
 Which patch features the masks are scored on (`correlation`). CRIS's joint map is the attention
 pool with every position as a query; in CLIP that map localises the wrong way round (CLIP

@@ -72,15 +72,18 @@ def cells_to_pixels(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def fill_cells(x: torch.Tensor, masked: torch.Tensor, fill: str, backbone: nn.Module) -> torch.Tensor:
     """The normalised images with the B x H x W `masked` pixels replaced (`masksd.fill`): zero (the
-    mean colour), black (pixel value 0) or noise (N(0, 1) in the normalised space)."""
+    mean colour), black (pixel value 0), noise (N(0, 1) in the normalised space) or median (each
+    image's per-channel median colour: on a plain background, the background)."""
     if fill == "zero":
         value = torch.zeros_like(x)
+    elif fill == "median":
+        value = x.flatten(2).median(dim=2).values[..., None, None].expand_as(x)
     elif fill == "black":
         value = (-backbone.mean / backbone.std).to(x.dtype).expand_as(x)
     elif fill == "noise":
         value = torch.randn_like(x)
     else:
-        raise ValueError(f"unknown fill {fill!r}; expected zero, black or noise")
+        raise ValueError(f"unknown fill {fill!r}; expected zero, black, noise or median")
     return torch.where(masked[:, None], value, x)
 
 
