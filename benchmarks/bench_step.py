@@ -165,7 +165,7 @@ def main() -> None:
         if device.type == "cuda" and not model_cfg.clip.startswith(("ViT", "tiny-vit")):
             model = model.to(memory_format=torch.channels_last)
         rows.append(measure(name, model, data, args, device))
-        scorer = model.scorer.backbone.state_dict().values() if model.scorer is not None else []
+        scorer = model.frozen.backbone.state_dict().values() if model.frozen is not None else []
         rows[-1]["scorer_mb"] = sum(t.numel() * t.element_size() for t in scorer) / 2**20  # the frozen copy's weights
     cris = next(r for r in rows if r["variant"] == "cris")
     for row in rows:

@@ -183,6 +183,11 @@ class RunConfig(_Strict):
     out_dir: Path = Path("runs/default")
     num_workers: int = Field(default=0, ge=0)  # data loader processes
     num_overlays: int = Field(default=4, ge=0)  # prediction overlays saved after training
+    # Where another scorer (live, prediction) chooses the masks, also count where the frozen scorer's
+    # would fall (`mask/frozen/...` in MLflow), side by side. Costs one no-grad pass of a copy of the
+    # pretrained towers per step (RN101 at 416 px: +5.9 % FLOPs, 461 MB; `benchmarks/bench_step.py`);
+    # its draws use a forked random state, so the weights are those of a run without it (tested).
+    compare_frozen: bool = True
 
 
 class TrainConfig(_Strict):

@@ -62,8 +62,8 @@ class TrainingStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, tokens, masks, stats=None, content=None):
-        return self.model.training_loss(images, tokens, masks, stats, content)
+    def forward(self, images, tokens, masks, stats=None, content=None, kind=None):
+        return self.model.training_loss(images, tokens, masks, stats, content, kind)
 
 
 def training_step(model: nn.Module, device: torch.device, ctx: Dist) -> nn.Module:

@@ -24,7 +24,7 @@ from cmmasksd.metrics import ious, summarize
 class SplitEvaluation:
     split: str
     metrics: dict[str, float]
-    per_expression: pd.DataFrame  # sentence_idx, sent_id, ref_id, object_idx, image_id, inter, union, iou
+    per_expression: pd.DataFrame  # sentence_idx, sent_id, ref_id, object_idx, image_id, kind, inter, union, iou
 
 
 def upsampled_probabilities(logits: torch.Tensor, size: int) -> torch.Tensor:
@@ -96,6 +96,7 @@ def _evaluation(split: PreparedSplit, sentence_idx: np.ndarray, inter_union: np.
         "ref_id": objects["ref_id"].to_numpy()[object_idx].astype(np.int64),
         "object_idx": object_idx,
         "image_id": image_ids[split.object_image[object_idx]].astype(np.int64),
+        "kind": np.asarray(split.kinds[0])[split.kinds[1][sentence_idx]],
         "inter": inter_union[:, 0].astype(np.int64),
         "union": inter_union[:, 1].astype(np.int64),
     })

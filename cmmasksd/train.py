@@ -168,7 +168,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
                         generator=torch.Generator().manual_seed(config.seed))  # workers' seeds: not the global RNG
 
     # model, optimizer, schedule
-    model = create_model(config.model, config.masksd).to(device)
+    model = create_model(config.model, config.masksd, compare_frozen=config.run.compare_frozen).to(device)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.optim.milestones, config.optim.gamma)
     amp = identity["runtime"]["precision"] == "bf16"
@@ -203,7 +203,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         model.train()
         sampler.set_epoch(epoch)
         sums: dict[str, torch.Tensor] = {}
-        mask_stats = MaskStats()
+        mask_stats = MaskStats(train_split.kinds[0])
         epoch_start = time.perf_counter()
         for batch in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None if ctx.main else True):
             timer.start()
@@ -211,8 +211,9 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
             tokens = batch["tokens"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
             content = batch["content"].to(device, non_blocking=True)
+            kind = batch["kind"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, parts = step(images, tokens, masks, mask_stats, content)
+                loss, parts = step(images, tokens, masks, mask_stats, content, kind)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.optim.grad_clip:

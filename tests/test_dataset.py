@@ -5,6 +5,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from cmmasksd.data.dataset import RefSegDataset
+from cmmasksd.data.kinds import ONE_KIND, REFSHAPES_KINDS, expression_kinds
+from cmmasksd.data.refshapes import parse
 from cmmasksd.data.sampler import EpochBatchSampler
 from cmmasksd.data.split import PreparedSplit
 
@@ -81,3 +83,22 @@ def test_pickles_without_the_arrays(prepared_root):
         mine, theirs = ds[2, i], copy[2, i]
         assert (theirs["object_idx"], theirs["sentence_idx"]) == (mine["object_idx"], mine["sentence_idx"])
         assert all(torch.equal(theirs[key], mine[key]) for key in ("image", "tokens", "mask"))
+
+
+def test_items_carry_the_expression_kind_from_the_refshapes_grammar(prepared_root):
+    split = _split(prepared_root)
+    names, codes = split.kinds
+    assert names == REFSHAPES_KINDS and set(codes.tolist()) == {0, 1, 2}  # the tiny data has all three
+    for text, code in zip(split.sentences["text"], codes):
+        query = parse(text)
+        want = "relational" if query.relation else "positional" if query.extreme else "attribute"
+        assert names[code] == want
+    ds = RefSegDataset(split, train=False)
+    assert [ds[i]["kind"] for i in range(10)] == codes[:10].tolist()
+
+
+def test_real_expressions_are_one_kind():
+    names, codes = expression_kinds(["the red circle", "man in a blue shirt on the left", "left guy"])
+    assert names == ONE_KIND and codes.tolist() == [0, 0, 0]
+    names, codes = expression_kinds(["the red circle", "the leftmost square"])
+    assert names == REFSHAPES_KINDS and codes.tolist() == [0, 1]

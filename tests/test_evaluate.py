@@ -41,3 +41,4 @@ def test_batched_evaluation_equals_the_one_at_a_time_reference(prepared_root, ba
     assert 0 < (table["inter"] > 0).sum() < len(table)  # a test that can tell: some hits, some misses
     np.testing.assert_array_equal(table[["inter", "union"]].to_numpy(), reference)
     assert table["object_idx"].tolist() == split.sentence_object.tolist()
+    assert table["kind"].tolist() == [split.kinds[0][k] for k in split.kinds[1]]  # per-kind mIoU in the report

@@ -121,14 +121,14 @@ def test_vmlsd_chance_is_the_expected_hit_of_random_masks_over_expressions_of_di
 
 
 def test_frozen_scorer_is_outside_the_state_the_optimizer_and_the_parameter_counts(tiny_cris):
-    live, frozen = wrap(tiny_cris, "rn"), wrap(tiny_cris, "rn", scorer="frozen")
-    assert live.scorer is None and frozen.scorer is not None
-    assert set(frozen.state_dict()) == set(live.state_dict())  # a checkpoint of either loads into the other
-    live.load_state_dict(frozen.state_dict())
-    scorer_ids = {id(p) for p in frozen.scorer.backbone.parameters()}
-    assert scorer_ids and not scorer_ids & {id(p) for p in frozen.parameters()}
-    assert not scorer_ids & {id(p) for group in frozen.param_groups() for p in group}
-    assert not any(p.requires_grad for p in frozen.scorer.backbone.parameters())
+    live, scored = wrap(tiny_cris, "rn"), wrap(tiny_cris, "rn", scorer="frozen")
+    assert live.frozen is None and scored.frozen is not None
+    assert set(scored.state_dict()) == set(live.state_dict())  # a checkpoint of either loads into the other
+    live.load_state_dict(scored.state_dict())
+    scorer_ids = {id(p) for p in scored.frozen.backbone.parameters()}
+    assert scorer_ids and not scorer_ids & {id(p) for p in scored.parameters()}
+    assert not scorer_ids & {id(p) for group in scored.param_groups() for p in group}
+    assert not any(p.requires_grad for p in scored.frozen.backbone.parameters())
     assert parameter_report("cris-tiny-rn", MaskSDConfig(scorer="frozen")) == parameter_report("cris-tiny-rn")
 
 
@@ -136,7 +136,7 @@ def test_frozen_scorer_keeps_the_initial_weights_eval_mode_and_masks_while_the_m
     torch.manual_seed(0)
     model = wrap(tiny_cris, "rn", scorer="frozen")
     initial_backbone = copy.deepcopy(model.seg.backbone.state_dict())
-    initial_scorer = copy.deepcopy(model.scorer.backbone.state_dict())
+    initial_scorer = copy.deepcopy(model.frozen.backbone.state_dict())
     assert initial_scorer.keys() == initial_backbone.keys()
     assert all(torch.equal(initial_scorer[k], initial_backbone[k]) for k in initial_backbone)
 
@@ -151,14 +151,14 @@ def test_frozen_scorer_keeps_the_initial_weights_eval_mode_and_masks_while_the_m
 
     trained = model.seg.backbone.state_dict()
     assert any(not torch.equal(trained[k], initial_backbone[k]) for k in initial_backbone)  # the live one moved
-    now = model.scorer.backbone.state_dict()
+    now = model.frozen.backbone.state_dict()
     assert not [k for k in initial_scorer if not torch.equal(now[k], initial_scorer[k])]  # BN buffers included
-    assert not any(m.training for m in model.scorer.backbone.modules())
+    assert not any(m.training for m in model.frozen.backbone.modules())
 
     # The masks of the next step are those a fresh model's frozen scorer draws: they do not drift.
     fresh = wrap(tiny_cris, "rn", scorer="frozen")
     with torch.no_grad():
-        vis, txt = fresh.scorer.encode(images, tokens)
+        vis, txt = fresh.frozen.encode(images, tokens)
         want_cells, want_words = fresh.patch_mask(vis, txt), fresh.word_mask(vis, txt, tokens)
     image_calls, text_calls = masked_inputs(model)
     model.training_loss(images, tokens, gt)

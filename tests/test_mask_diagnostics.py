@@ -1,7 +1,9 @@
-"""Mask hit rates: the counting on hand-made masks, the content words, and the per-epoch metrics."""
+"""Mask hit rates: the counting on hand-made masks, the content words, per expression kind, the frozen
+scorer's alongside the live one's, and the per-epoch metrics."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -106,8 +108,9 @@ def test_no_masks_no_metrics_and_nothing_masked_is_nan():
 
 
 def one_epoch(tiny_config, **masksd) -> dict[str, float]:
-    """The metrics of one epoch of two steps (16 objects at batch 8)."""
-    config = tiny_config(**{f"masksd.{k}": v for k, v in masksd.items()}, data__max_train_objects=16,
+    """The metrics of one epoch of two steps (16 objects at batch 8); dotted keys as they are, others
+    under `masksd`."""
+    config = tiny_config(**{k if "." in k else f"masksd.{k}": v for k, v in masksd.items()}, data__max_train_objects=16,
                          data__max_eval_expressions=8, optim__epochs=1, optim__milestones=[], run__num_overlays=0)
     epochs = []
     train(build_config(config), on_epoch=lambda report: epochs.append(report.metrics))
@@ -145,10 +148,87 @@ def test_cell_mask_at_96px_trains_and_counts_for_corr_top_and_random():
     runs = {strategy: training_stats(MaskSDConfig(mask_cell=12, strategy=strategy))
             for strategy in ("corr_top", "random")}
     for stats in runs.values():
-        assert stats.sums["lmvsd"][1] == 2 * 32 * 12 * 12  # masked px: round(0.5 * 64) cells of 12 x 12 px each
+        assert stats.sums["lmvsd"][:, 1].sum() == 2 * 32 * 12 * 12  # masked px: round(0.5 * 64) cells of 12 x 12 px each
         metrics = stats.metrics()
         assert set(metrics) == KEYS and all(0.0 <= v <= 1.0 for v in metrics.values())
     for key in ("mask/lmvsd_chance", "mask/vmlsd_chance"):  # the same samples, whatever the strategy
         assert runs["corr_top"].metrics()[key] == runs["random"].metrics()[key]
     for stats in runs.values():  # 32 of the 64 cells of each image, whatever the strategy
         assert stats.metrics()["mask/lmvsd_coverage_chance"] == 0.5
+
+
+def test_rates_per_kind_and_over_all_kinds():
+    gt, on, off = object_and_masks()
+    stats = MaskStats(("attribute", "positional", "relational"))
+    stats.add_lmvsd(torch.cat([on, off]), torch.cat([gt, gt]), kind=torch.tensor([0, 2]))
+    metrics = stats.metrics()
+    assert metrics["mask/attribute/lmvsd_coverage"] == 4 / 16  # `on`: 4 of the object's 16 px
+    assert metrics["mask/relational/lmvsd_coverage"] == 0.0  # `off`: none of them
+    assert math.isnan(metrics["mask/positional/lmvsd_hit"])  # no positional sample: undefined
+    assert metrics["mask/lmvsd_coverage"] == 4 / 32 and metrics["mask/lmvsd_hit"] == 4 / 20  # pooled
+    # one kind (real data): no per-kind keys
+    single = MaskStats()
+    single.add_lmvsd(on, gt)
+    assert set(single.metrics()) == LMVSD_KEYS
+
+
+def test_frozen_source_is_logged_beside_the_masks_in_use():
+    gt, on, off = object_and_masks()
+    stats = MaskStats()
+    stats.add_lmvsd(off, gt)
+    stats.add_lmvsd(on, gt, source="frozen")
+    metrics = stats.metrics()
+    assert metrics["mask/lmvsd_hit"] == 0.0 and metrics["mask/frozen/lmvsd_hit"] == 1.0
+
+
+def test_the_frozen_comparison_counts_the_frozen_scorers_masks_and_changes_no_draw(tiny_cris):
+    """With a sampled strategy the comparison draws random numbers: under a forked state, so the live
+    masks and everything after them are those of a model without it."""
+    from cmmasksd.model import CMMaskSD
+
+    images, tokens = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8), tokenize("the red circle", "the cube")
+    gt = (torch.rand(2, 1, 64, 64) > 0.5).float()
+    config = MaskSDConfig(scorer="live", strategy="corr_sample", mask_cell=8)
+    runs = {}
+    for compare in (False, True):
+        model = CMMaskSD(copy.deepcopy(tiny_cris["rn"]), config, compare_frozen=compare).train()
+        torch.manual_seed(3)
+        stats = MaskStats()
+        loss, _ = model.training_loss(images, tokens, gt, stats)
+        runs[compare] = (loss.detach(), torch.rand(1), stats)
+    assert torch.equal(runs[False][0], runs[True][0]) and torch.equal(runs[False][1], runs[True][1])
+    assert runs[False][2].sums.keys() == {"lmvsd", "vmlsd"}
+    assert runs[True][2].sums.keys() == {"lmvsd", "vmlsd", "frozen/lmvsd", "frozen/vmlsd"}
+    assert torch.equal(runs[True][2].sums["lmvsd"], runs[False][2].sums["lmvsd"])
+    # what the frozen scorer's masks would count: those of a model that scores with it
+    scored = CMMaskSD(copy.deepcopy(tiny_cris["rn"]), config.model_copy(update={"scorer": "frozen",
+                                                                                "strategy": "corr_top"}))
+    comparing = CMMaskSD(copy.deepcopy(tiny_cris["rn"]), config.model_copy(update={"strategy": "corr_top"}),
+                         compare_frozen=True)
+    counted = []
+    for model in (scored.train(), comparing.train()):
+        stats = MaskStats()
+        model.training_loss(images, tokens, gt, stats)
+        counted.append(stats.sums)
+    assert torch.equal(counted[0]["lmvsd"], counted[1]["frozen/lmvsd"])
+    assert torch.equal(counted[0]["vmlsd"], counted[1]["frozen/vmlsd"])
+
+
+@pytest.mark.parametrize("config", [MaskSDConfig(scorer="frozen"), MaskSDConfig(scorer="live", strategy="random"),
+                                    MaskSDConfig(branches="none")], ids=["frozen", "random", "cris"])
+def test_no_comparison_where_it_would_say_nothing(tiny_cris, config):
+    from cmmasksd.model import CMMaskSD
+
+    model = CMMaskSD(copy.deepcopy(tiny_cris["rn"]), config, compare_frozen=True)
+    assert not model.compares_frozen
+    assert (model.frozen is not None) == (config.scorer == "frozen" and config.branches != "none")
+
+
+@pytest.mark.slow
+def test_an_epoch_logs_the_frozen_scorers_rates_and_each_kinds(tiny_config):
+    metrics = one_epoch(tiny_config, mask_cell=8, scorer="live", **{"run.compare_frozen": True})
+    kinds = ("attribute", "positional", "relational")  # the debug data is RefShapes
+    for prefix in ("mask/", "mask/frozen/"):
+        assert {prefix + k.removeprefix("mask/") for k in KEYS} <= set(metrics)
+        for kind in kinds:
+            assert f"{prefix}{kind}/lmvsd_coverage" in metrics and f"{prefix}{kind}/vmlsd_hit" in metrics

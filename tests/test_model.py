@@ -245,7 +245,7 @@ def test_word_mask_scores_only_real_words_against_clips_pooled_image_embedding(t
     expected_top = scores[0].masked_fill(~real[0], -2).topk(2).indices.sort().values.tolist()
     assert chosen[0].nonzero().flatten().tolist() == expected_top == [2, 4]
     assert not chosen[1].any()  # nothing to mask: mask nothing
-    model.cfg = MaskSDConfig(mask_ratio_t=0.5, strategy="corr_bottom")
+    model.cfg = MaskSDConfig(mask_ratio_t=0.5, strategy="corr_bottom", scorer="live")
     assert model.word_mask(vis, txt, tokens)[0].nonzero().flatten().tolist() == [1, 3]
 
 

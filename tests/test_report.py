@@ -39,6 +39,7 @@ RNG = np.random.default_rng(0)
 BASE_IOU = RNG.uniform(0.2, 0.8, N_EXPR)
 ZERO_MEAN = 0.1 * RNG.permutation(np.repeat([1.0, -1.0], N_EXPR // 2))
 SEEDS = [0, 1, 2]
+KINDS = np.array(["attribute"] * 100 + ["positional"] * 60 + ["relational"] * 40)  # RefShapes' expression kinds
 
 # (variant name, overrides, per-expression effect, seeds)
 VARIANTS = [
@@ -74,7 +75,7 @@ def per_expression(variant, seed: int, shift: int = 0) -> pd.DataFrame:
     inter = np.round(planted_ious(variant[2], seed, variant[0]) * UNION).astype(int) - shift
     return pd.DataFrame({"sentence_idx": np.arange(N_EXPR), "sent_id": np.arange(N_EXPR) + 1000,
                          "ref_id": np.arange(N_EXPR) // 2, "object_idx": np.arange(N_EXPR) // 2,
-                         "image_id": IMAGE_ID, "inter": inter, "union": UNION, "iou": inter / UNION})
+                         "image_id": IMAGE_ID, "kind": KINDS, "inter": inter, "union": UNION, "iou": inter / UNION})
 
 
 def log_trial(client, experiment_id, parent_id, tmp_path, variant, status="FINISHED", seed=0):
@@ -226,6 +227,35 @@ def test_mask_hit_rates_are_summarised_per_variant(report, long):
     assert "masked content words (chance)" not in section.split("\n## ")[0]  # no VMLSD diagnostics logged
 
 
+def test_mious_per_expression_kind_with_intervals_on_that_kinds_expressions(report, long):
+    for kind in ("attribute", "positional", "relational"):
+        arms = [pd.concat([per_expression(v, s).assign(seed=s) for s in v[3]]) for v in (VARIANTS[0], VARIANTS[3])]
+        arms = [a[a["kind"] == kind] for a in arms]
+        expected = compare_tables(*arms, metrics=("miou",), n_boot=N_BOOT, seed=3)["miou"]
+        got = cell(long, "kinds", "both", col=kind)
+        assert got["mean"] == pytest.approx(arms[1].groupby("seed")["iou"].mean().mean())
+        assert (got.delta, got.ci_low, got.ci_high, got.p_value) == pytest.approx(
+            (expected.delta, expected.ci_low, expected.ci_high, expected.p_value))
+        assert np.isnan(cell(long, "kinds", "cris", col=kind).delta)
+    md = (report.out / "ablation.md").read_text()
+    section = md.split("## mIoU per expression kind: val (selection split)")[1].split("\n## ")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| "))
+    assert "attribute mIoU" in header and "relational Δ [95% CI]" in header
+    assert "## mIoU per expression kind: testA (test: the clean estimate)" in md
+
+
+def test_no_kind_table_for_one_kind_or_runs_logged_before_kinds(report):
+    from pipeline.report.kinds import kinds_section
+
+    trials = load_trials(report.uri, report.parent_id)
+    columns = [c for c in trials.columns if c.startswith("per_expression/")]
+    for change in (lambda t: t.drop(columns="kind"), lambda t: t.assign(kind="all")):
+        changed = trials.copy()
+        changed[columns] = changed[columns].apply(lambda col: col.map(change))
+        assert kinds_section(Sweep(changed, n_boot=100)) is None
+    assert kinds_section(Sweep(trials, n_boot=100)) is not None
+
+
 def test_one_knob_tables_compare_with_their_row_at_the_base_value(report, long):
     # the strategy family: random against corr_top directly (corr_top is `both`, which leaves it unset)
     vs = long[(long.table == "strategy") & (long.metric == "miou_vs_ref") & (long.split == "val")]
@@ -291,12 +321,12 @@ def test_markdown_lists_missing_runs_and_the_bootstrap_it_used(report):
 
 def test_latex_is_one_booktabs_tabular_per_table(report):
     tex = (report.out / "ablation.tex").read_text()
-    # variants on val + testA, branches, two grids, strategy, optim.lr
-    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 7
-    assert tex.count(r"\toprule") == tex.count(r"\bottomrule") == 7
+    # variants on val + testA, branches, two grids, strategy, optim.lr, kinds on val + testA
+    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 9
+    assert tex.count(r"\toprule") == tex.count(r"\bottomrule") == 9
     both = planted("both")
     assert f"{100 * both.mean():.2f}" + r" $\pm$ " + f"{100 * both.std():.2f}" in tex
-    assert r"both strategy=random" in tex and r"\label{tab:mask_ratio}" in tex
+    assert r"both strategy=random" in tex and r"\label{tab:mask_ratio}" in tex and r"\label{tab:kinds_val}" in tex
     assert r"cris optim.lr=0.001" in tex
 
 

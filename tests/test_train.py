@@ -136,7 +136,7 @@ def test_train_writes_results_tables_and_figures(tiny_config, prepared_root, tmp
     for split in SPLITS:
         assert set(result.final[split]) == set(METRIC_NAMES)
         table = result.per_expression[split].read_text().splitlines()
-        assert table[0] == "sentence_idx,sent_id,ref_id,object_idx,image_id,inter,union,iou"
+        assert table[0] == "sentence_idx,sent_id,ref_id,object_idx,image_id,kind,inter,union,iou"
         assert len(table) == 1 + 16
         frame = pd.read_csv(result.per_expression[split])
         prepared = PreparedSplit(prepared_root / split)  # the statistics resample images: each row's own

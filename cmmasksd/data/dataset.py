@@ -17,7 +17,8 @@ from cmmasksd.data.split import PreparedSplit
 
 
 class RefSegDataset(Dataset):
-    """Items: image uint8 [3,S,S], tokens long [word_len], mask float32 [1,S,S], sentence_idx, object_idx.
+    """Items: image uint8 [3,S,S], tokens long [word_len], mask float32 [1,S,S], content box [4], sentence_idx,
+    kind, object_idx.
 
     Images stay uint8 (the model normalises on the device). `blank_text` replaces every
     expression by the empty string (the no-language ablation). `max_items` keeps the first N
@@ -60,5 +61,6 @@ class RefSegDataset(Dataset):
             "tokens": torch.from_numpy(np.asarray(tokens, dtype=np.int64)),
             "mask": torch.from_numpy(self.split.mask(obj_idx)).float()[None],
             "sentence_idx": sent_idx,
+            "kind": int(self.split.kinds[1][sent_idx]),  # the expression's kind (`cmmasksd.data.kinds`)
             "object_idx": obj_idx,
         }

@@ -16,12 +16,14 @@ Layout of `<out_dir>/<split>/` (written by `cmmasksd.data.prepared.prepare_split
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pycocotools import mask as mask_utils
 
+from cmmasksd.data.kinds import expression_kinds
 from cmmasksd.data.letterbox import LetterboxMeta
 
 FORMAT_VERSION = 1
@@ -87,6 +89,11 @@ class PreparedSplit:
     def tokens(self, sent_idx: int) -> np.ndarray:
         """int32 (word_len,)."""
         return np.array(self._tokens[sent_idx])
+
+    @cached_property
+    def kinds(self) -> tuple[tuple[str, ...], np.ndarray]:
+        """(kind names, each sentence's index into them): `cmmasksd.data.kinds`."""
+        return expression_kinds(self.sentences["text"].tolist())
 
     def meta(self, image_idx: int) -> LetterboxMeta:
         row = self.images.iloc[image_idx]

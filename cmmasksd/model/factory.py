@@ -88,16 +88,18 @@ def create_cris(model_cfg: ModelConfig, with_mask_tokens: bool = False) -> CRIS:
     return CRIS(backbone, model_cfg)
 
 
-def create_model(model_cfg: ModelConfig | str, masksd_cfg: MaskSDConfig | None = None) -> CMMaskSD:
+def create_model(model_cfg: ModelConfig | str, masksd_cfg: MaskSDConfig | None = None,
+                 compare_frozen: bool = False) -> CMMaskSD:
     """CRIS from a named or inline config, wrapped with the masked self-distillation branches.
 
     `masksd_cfg` defaults to the method's defaults (both branches); `branches: none` gives the
-    CRIS baseline, with no mask tokens.
+    CRIS baseline, with no mask tokens. `compare_frozen`: see `RunConfig.compare_frozen`.
     """
     if isinstance(model_cfg, str):
         model_cfg = get_model_config(model_cfg)
     masksd_cfg = masksd_cfg or MaskSDConfig()
-    return CMMaskSD(create_cris(model_cfg, with_mask_tokens=masksd_cfg.branches != "none"), masksd_cfg)
+    return CMMaskSD(create_cris(model_cfg, with_mask_tokens=masksd_cfg.branches != "none"), masksd_cfg,
+                    compare_frozen)
 
 
 def parameter_report(model_cfg: ModelConfig | str, masksd_cfg: MaskSDConfig | None = None) -> dict:

@@ -12,6 +12,9 @@
 
 hit / chance > 1 means the mask prefers the object (the content words). Counts are summed over
 an epoch and divided once, so every masked pixel (token) weighs the same whatever the batch.
+Per expression kind too (`mask/<kind>/...`, where the data has several: RefShapes' attribute,
+positional and relational expressions), and, where the live scorer chooses the masks, for the
+frozen scorer's masks beside them (`mask/frozen/...`, `RunConfig.compare_frozen`).
 """
 
 from __future__ import annotations
@@ -50,19 +53,33 @@ def content_token_mask(tokens: torch.Tensor, real: torch.Tensor) -> torch.Tensor
 
 
 class MaskStats:
-    """Sums of the counts behind the hit rates; `CMMaskSD.training_loss(..., stats=)` adds to them."""
+    """Sums of the counts behind the hit rates, per expression kind; `CMMaskSD.training_loss(..., stats=)`
+    adds to them.
 
-    def __init__(self):
-        # branch -> [hit, masked, chance numerator, chance denominator], on the device: no sync per step
+    `kinds` names the kinds the batches' `kind` codes index (`cmmasksd.data.kinds`); with more than
+    one, `metrics` gives each kind's rates too, as `mask/<kind>/<name>`. A `source` other than the
+    masks in use (the frozen scorer's, drawn alongside the live scorer's for comparison) is logged
+    as `mask/<source>/...`.
+    """
+
+    def __init__(self, kinds: tuple[str, ...] = ("all",)):
+        self.kinds = kinds
+        # "<source>/<branch>" -> kinds x [hit, masked, chance numerator, chance denominator], on the
+        # device: no sync per step
         self.sums: dict[str, torch.Tensor] = {}
 
-    def _add(self, branch: str, *counts: torch.Tensor) -> None:
-        counts = torch.stack(counts).double()
-        self.sums[branch] = self.sums[branch] + counts if branch in self.sums else counts
+    def _add(self, key: str, kind: torch.Tensor | None, *counts: torch.Tensor) -> None:
+        """counts: per-sample B-vectors, binned by the samples' kinds."""
+        counts = torch.stack(counts, dim=1).double()  # B x 4
+        kind = torch.zeros(len(counts), dtype=torch.long, device=counts.device) if kind is None else kind
+        if key not in self.sums:
+            self.sums[key] = counts.new_zeros(len(self.kinds), 4)
+        self.sums[key].index_add_(0, kind.to(counts.device), counts)
 
     @torch.no_grad()
-    def add_lmvsd(self, masked: torch.Tensor, gt_mask: torch.Tensor) -> None:
-        """masked: B x gh x gw cells (True = masked); gt_mask: B x 1 x H x W, 1 on the object.
+    def add_lmvsd(self, masked: torch.Tensor, gt_mask: torch.Tensor, kind: torch.Tensor | None = None,
+                  source: str = "") -> None:
+        """masked: B x gh x gw cells (True = masked); gt_mask: B x 1 x H x W, 1 on the object; kind: B codes.
 
         Counted on the area the cells of H // gh px cover from the top left: all of it, except
         for a ViT whose patch does not divide the input (its patch conv leaves the rest out too).
@@ -70,28 +87,47 @@ class MaskStats:
         cell = gt_mask.shape[-2] // masked.shape[-2]
         on_object = F.avg_pool2d(gt_mask.float(), cell, divisor_override=1)[:, 0]  # object pixels per cell
         masked = masked.to(on_object.dtype)
-        self._add("lmvsd", (masked * on_object).sum(), masked.sum() * cell**2, on_object.sum(),
-                  on_object.new_tensor(masked.numel() * cell**2))
+        cells = masked[0].numel() * cell**2
+        self._add(_key(source, "lmvsd"), kind, (masked * on_object).sum(dim=(1, 2)), masked.sum(dim=(1, 2)) * cell**2,
+                  on_object.sum(dim=(1, 2)), on_object.new_full((len(masked),), cells))
 
     @torch.no_grad()
-    def add_vmlsd(self, masked: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor) -> None:
+    def add_vmlsd(self, masked: torch.Tensor, tokens: torch.Tensor, real: torch.Tensor,
+                  kind: torch.Tensor | None = None, source: str = "") -> None:
         """masked, real: B x L bool (masked tokens, the expression's tokens); tokens: B x L ids."""
         content = content_token_mask(tokens, real)
         n_masked = masked.sum(dim=1).double()
         share = content.sum(dim=1).double() / real.sum(dim=1).clamp(min=1).double()
-        self._add("vmlsd", (masked & content).sum(), masked.sum(), (n_masked * share).sum(), n_masked.sum())
+        self._add(_key(source, "vmlsd"), kind, (masked & content).sum(dim=1), n_masked, n_masked * share, n_masked)
 
     def metrics(self) -> dict[str, float]:
-        """`mask/<branch>_hit` and `mask/<branch>_chance` for each branch that drew masks."""
+        """`mask/[<source>/]<branch>_hit` and `_chance` (and LMVSD's coverage) for each branch that drew
+        masks, over every kind and, with several kinds, per kind (`mask/[<source>/]<kind>/...`)."""
         out = {}
-        for branch, sums in self.sums.items():
-            hit, masked, share, whole = sums.tolist()
-            out[f"mask/{branch}_hit"] = _ratio(hit, masked)
-            out[f"mask/{branch}_chance"] = _ratio(share, whole)
-            if branch == "lmvsd":  # hit: masked object area; share: object area; whole: image area
-                out["mask/lmvsd_coverage"] = _ratio(hit, share)
-                out["mask/lmvsd_coverage_chance"] = _ratio(masked, whole)
+        for key, sums in self.sums.items():
+            source, _, branch = key.rpartition("/")
+            prefix = f"{MASK_PREFIX}{source}/" if source else MASK_PREFIX
+            out.update(_rates(branch, sums.sum(dim=0).tolist(), prefix))
+            if len(self.kinds) > 1:
+                for kind, row in zip(self.kinds, sums.tolist()):
+                    out.update(_rates(branch, row, f"{prefix}{kind}/"))
         return out
+
+
+MASK_PREFIX = "mask/"
+
+
+def _key(source: str, branch: str) -> str:
+    return f"{source}/{branch}" if source else branch
+
+
+def _rates(branch: str, sums: list[float], prefix: str) -> dict[str, float]:
+    hit, masked, share, whole = sums
+    out = {f"{prefix}{branch}_hit": _ratio(hit, masked), f"{prefix}{branch}_chance": _ratio(share, whole)}
+    if branch == "lmvsd":  # hit: masked object area; share: object area; whole: image area
+        out[f"{prefix}lmvsd_coverage"] = _ratio(hit, share)
+        out[f"{prefix}lmvsd_coverage_chance"] = _ratio(masked, whole)
+    return out
 
 
 def _ratio(num: float, den: float) -> float:

@@ -207,7 +207,7 @@ class FrozenScorer:
 class CMMaskSD(nn.Module):
     """`forward` is the main branch alone (inference costs what CRIS costs); `training_loss` adds the branches."""
 
-    def __init__(self, seg: CRIS, cfg: MaskSDConfig):
+    def __init__(self, seg: CRIS, cfg: MaskSDConfig, compare_frozen: bool = False):
         super().__init__()
         tower = seg.backbone.tower
         tower.check_mask_cell(cfg.mask_cell)
@@ -217,8 +217,13 @@ class CMMaskSD(nn.Module):
         self.seg = seg
         # Ablation of weight sharing: the masked branches get their own copy, same initialisation.
         self.student = copy.deepcopy(seg) if cfg.weights == "separate" and cfg.branches != "none" else None
+        # `compare_frozen`: the frozen scorer's masks are also drawn, for the diagnostics only
+        # (`mask/frozen/...`), where another scorer chooses the masks and the choice is not random.
+        self.compares_frozen = (compare_frozen and cfg.branches != "none" and cfg.scorer != "frozen"
+                                and cfg.strategy != "random")
         # Taken now, while the backbone holds the pretrained weights (a resumed run loads over them later).
-        self.scorer = FrozenScorer(seg.backbone) if cfg.scorer == "frozen" and cfg.branches != "none" else None
+        wants_copy = (cfg.branches != "none" and cfg.scorer == "frozen") or self.compares_frozen
+        self.frozen = FrozenScorer(seg.backbone) if wants_copy else None
 
     @property
     def masked_net(self) -> CRIS:
@@ -237,14 +242,15 @@ class CMMaskSD(nn.Module):
         return self.training and enabled and (weight > 0 or self.cfg.gt_on_masked)
 
     def training_loss(self, images: torch.Tensor, tokens: torch.Tensor, gt_mask: torch.Tensor,
-                      stats: MaskStats | None = None,
-                      content: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                      stats: MaskStats | None = None, content: torch.Tensor | None = None,
+                      kind: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Total loss and its parts {seg, lmvsd, vmlsd} (each as added to the total; 0 when off; the
         joint branch reports as lmvsd), the parts as detached 0-dim tensors: reading one is a device
         sync, left to the caller.
 
         In eval mode only the main branch runs, so this is the validation loss of the main branch.
-        `stats`, if given, counts where the drawn masks fall (for the hit rates). `content` (B x 4,
+        `stats`, if given, counts where the drawn masks fall (for the hit rates), per expression `kind`
+        (B codes), and where the frozen scorer's would have (`compares_frozen`). `content` (B x 4,
         the letterboxed picture's box) keeps cells wholly inside the border out of the LMVSD candidates.
         The masked passes leave BatchNorm's running statistics to the clean pass (`clean_batch_stats`).
         """
@@ -258,10 +264,14 @@ class CMMaskSD(nn.Module):
         scored = self._scoring_features(images, tokens, vis, txt) if wants_cells or wants_words else None
         cells = self.patch_mask(*scored, logits, content, tuple(images.shape[-2:])) if wants_cells else None
         words = self.word_mask(*scored, tokens) if wants_words else None
-        if stats is not None and cells is not None:
-            stats.add_lmvsd(cells, gt_mask)
-        if stats is not None and words is not None:
-            stats.add_vmlsd(words, tokens, real_word_mask(tokens))
+        if stats is not None:
+            if cells is not None:
+                stats.add_lmvsd(cells, gt_mask, kind)
+            if words is not None:
+                stats.add_vmlsd(words, tokens, real_word_mask(tokens), kind)
+            if self.compares_frozen and (cells is not None or words is not None):
+                self._count_frozen_masks(images, tokens, gt_mask, content, kind, stats, cells is not None,
+                                         words is not None)
         with clean_batch_stats(self.masked_net):
             if cfg.use_joint and cells is not None:
                 parts["lmvsd"] = self._branch_loss(self._masked_logits(images, tokens, vis, txt, cells, words),
@@ -278,6 +288,21 @@ class CMMaskSD(nn.Module):
         report = {"seg": zero, "lmvsd": zero, "vmlsd": zero} | {k: v.detach() for k, v in parts.items()}
         return total, report
 
+    @torch.no_grad()
+    def _count_frozen_masks(self, images, tokens, gt_mask, content, kind, stats: MaskStats, cells: bool,
+                            words: bool) -> None:
+        """Where the frozen scorer's masks would fall, as `source="frozen"`; its draws (`corr_sample`)
+        use a forked random state, so the run trains exactly as without the comparison."""
+        devices = [images.device] if images.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            vis, txt = self.frozen.encode(images, tokens)
+            if cells:
+                picked = self.patch_mask(vis, txt, None, content, tuple(images.shape[-2:]), scorer="frozen")
+                stats.add_lmvsd(picked, gt_mask, kind, source="frozen")
+            if words:
+                picked = self.word_mask(vis, txt, tokens, scorer="frozen")
+                stats.add_vmlsd(picked, tokens, real_word_mask(tokens), kind, source="frozen")
+
     def _branch_loss(self, branch_logits, main_logits, gt_mask, weight: float) -> torch.Tensor:
         loss = weight * distill_loss(branch_logits, main_logits, self.cfg.distill_loss)
         return loss + seg_loss(branch_logits, gt_mask) if self.cfg.gt_on_masked else loss
@@ -291,25 +316,28 @@ class CMMaskSD(nn.Module):
 
     def _scoring_features(self, images, tokens, vis: VisualFeatures, txt: TextFeatures):
         """The features the masks are scored on: the clean pass's (live), or the frozen copy's."""
-        return self.scorer.encode(images, tokens) if self.scorer is not None else (vis, txt)
+        return self.frozen.encode(images, tokens) if self.cfg.scorer == "frozen" else (vis, txt)
 
     def patch_mask(self, vis: VisualFeatures, txt: TextFeatures, logits: torch.Tensor | None = None,
-                   content: torch.Tensor | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+                   content: torch.Tensor | None = None, size: tuple[int, int] | None = None,
+                   scorer: str | None = None) -> torch.Tensor:
         """B x gh x gw cells to mask for LMVSD: scored by patch-sentence correlation, or (`scorer:
         prediction`) by the teacher's probability averaged over each cell of the input; with `content`
-        (and the input `size`), only cells that show some of the picture are candidates."""
+        (and the input `size`), only cells that show some of the picture are candidates. `scorer`:
+        the config's unless given."""
         cfg = self.cfg
         grid = self.mask_grid(vis.grid)
         # (Not for a ViT that drops its masked patches: it needs the same number masked in every image.)
         valid = picture_cells(content, grid, size) if content is not None and cfg.vit_masking != "drop" else None
-        if cfg.scorer == "prediction":
+        if (scorer or cfg.scorer) == "prediction":
             with torch.no_grad():
                 scores = F.adaptive_avg_pool2d(torch.sigmoid(logits.detach().float()), grid)[:, 0]
             return cells_from_scores(scores, grid, cfg.mask_ratio_v, cfg.strategy, cfg.sample_temperature, valid)
         return correlation_cells(self.dense(vis), txt.sentence, grid, cfg.mask_ratio_v, cfg.strategy,
                                  cfg.sample_temperature, cfg.centre, valid)
 
-    def word_mask(self, vis: VisualFeatures, txt: TextFeatures, tokens: torch.Tensor) -> torch.Tensor:
+    def word_mask(self, vis: VisualFeatures, txt: TextFeatures, tokens: torch.Tensor,
+                  scorer: str | None = None) -> torch.Tensor:
         """B x L words to mask for VMLSD, scored by their similarity to CLIP's pooled image embedding
         (what CLIP's contrastive loss aligned the text with)."""
         cfg = self.cfg
@@ -317,8 +345,8 @@ class CMMaskSD(nn.Module):
             raise ValueError(f"the {self.seg.backbone.tower.name} image tower gives no pooled image embedding "
                              "(VisualFeatures.pooled), which VMLSD scores the words against")
         with torch.no_grad():
-            scorer = self.scorer.backbone if self.scorer is not None else self.seg.backbone
-            words = scorer.project_words(txt.words).float()  # B x L x E
+            backbone = self.frozen.backbone if (scorer or cfg.scorer) == "frozen" else self.seg.backbone
+            words = backbone.project_words(txt.words).float()  # B x L x E
             scores = F.cosine_similarity(words, vis.pooled.float()[:, None], dim=-1)
             real = real_word_mask(tokens)
             k = mask_count(cfg.mask_ratio_t, real.sum(dim=1))

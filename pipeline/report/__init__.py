@@ -7,7 +7,8 @@ the user wrote and compares each with the CRIS baseline (`tables`, statistics fr
 `cmmasksd.stats`), and writes into `--out` (`render`, `figures`):
 
 - `ablation.md` / `ablation.tex` / `ablation.csv`: the tables for reading, for the paper
-  (booktabs) and in tidy long form (one row per table, split, row, col, metric);
+  (booktabs) and in tidy long form (one row per table, split, row, col, metric), the last table
+  every variant's mIoU per expression kind (`kinds`);
 - `figures/`: a heatmap per grid of `report.grids` the sweep filled (`heatmap_<grid>.png`),
   `learning_curves.png`, and the logged prediction overlays of the baseline and the best variant;
   a figure the sweep has nothing for is not written;
@@ -44,6 +45,7 @@ from pipeline.contract import (
 )
 from pipeline.report import render
 from pipeline.report.figures import plot_heatmap, plot_learning_curves, replaced_folder, write_curve_files
+from pipeline.report.kinds import kinds_section
 from pipeline.report.load import download_overlay, load_curves, load_trials, missing_trials
 from pipeline.report.tables import LONG_COLUMNS, Section, Sweep, axis_sections, best_variant, power, variants_section
 from pipeline.tracking import experiment_url
@@ -150,6 +152,8 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
     tags = client.get_run(parent_run_id).data.tags
     sweep = Sweep(trials, n_boot, seed) if not trials.empty else None
     sections = [variants_section(sweep), *axis_sections(sweep, grids)] if sweep else []
+    by_kind = kinds_section(sweep) if sweep else None
+    sections += [by_kind] if by_kind is not None else []
     splits = sweep.splits if sweep else []
     baseline = sweep.baseline.name if sweep and sweep.baseline else None
     best = best_variant(sweep) if sweep else None

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from pipeline.tracking import OVERRIDES, VARIANT
 
 PER_EXPRESSION_COLUMNS = ["sentence_idx", "image_id", "inter", "union"]
+KIND_COLUMN = "kind"  # the expression's kind (`cmmasksd.data.kinds`); absent in runs logged before it
 
 
 def typed(value):
@@ -42,7 +43,7 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list:
 
 
 def _per_expression(client: MlflowClient, run, tmp: Path) -> dict[str, pd.DataFrame]:
-    """Per split, the trial's intersections and unions per expression with their image ids."""
+    """Per split, the trial's intersections and unions per expression with their image ids (and kinds)."""
     run_id = run.info.run_id
     if not client.list_artifacts(run_id, "per_expression"):
         return {}
@@ -54,7 +55,8 @@ def _per_expression(client: MlflowClient, run, tmp: Path) -> dict[str, pd.DataFr
         if missing:
             raise ValueError(f"run {run_id} ({run.data.tags.get(VARIANT)}): {path.name} lacks columns "
                              f"{sorted(missing)}; expected {PER_EXPRESSION_COLUMNS} (rerun the sweep)")
-        tables[path.stem.removeprefix("per_expression_")] = table[PER_EXPRESSION_COLUMNS]
+        columns = PER_EXPRESSION_COLUMNS + ([KIND_COLUMN] if KIND_COLUMN in table.columns else [])
+        tables[path.stem.removeprefix("per_expression_")] = table[columns]
     return tables
 
 

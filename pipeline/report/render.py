@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from pipeline.report.kinds import KINDS_TABLE
 from pipeline.report.tables import SELECT_SPLIT, Section, label
 
 AXIS_NAMES = {"masksd.mask_ratio_v": "image ratio", "masksd.mask_ratio_t": "text ratio",
@@ -132,6 +133,16 @@ def axis_frame(section: Section, splits: list[str], baseline: str | None, style:
     return frame.drop(columns=[c for c in optional if c in frame and not frame[c].any()])
 
 
+def kinds_frame(table: pd.DataFrame, split: str, baseline: str | None, style: Style) -> pd.DataFrame:
+    """One line per variant: per expression kind, its mIoU and its delta to CRIS on that kind."""
+    lines: dict[str, dict] = {}
+    for (row, kind), m in _cells(table, split).items():
+        line = lines.setdefault(row, {"": row, "n": str(int(m["miou"]["n"]))})
+        line[f"{kind} mIoU"] = score(m["miou"], style)
+        line[f"{kind} {style.delta} [95% CI]"] = "baseline" if m["variant"] == baseline else delta(m["miou"], style)
+    return pd.DataFrame(list(lines.values()))
+
+
 def grid_frame(section: Section, style: Style) -> pd.DataFrame:
     """A grid on val: mean ± std (n), delta with interval and dagger per cell, the best cell bold."""
     rows, cols = section.axes
@@ -195,6 +206,9 @@ def legend(n_boot: int, seed: int, splits: list[str]) -> str:
         "- **mask on object (chance)**: share of the LMVSD-masked image area on the referred object in the "
         "last training epoch, and the object's share of the image (what random masking hits); **masked "
         "content words (chance)**: the same for VMLSD's masked words. Above chance = the masks are guided.",
+        "- **mIoU per expression kind** (RefShapes): `attribute` expressions name the object by what it looks "
+        "like, `positional` by an extreme position, `relational` by another object; each Δ is against CRIS on "
+        "the same kind, with the interval computed on that kind's expressions alone.",
         "- A row is one variant: every seed of the same overrides, nothing else. `ablation.csv` holds every "
         "table, split and metric in long form (scores as fractions).",
     ])
@@ -210,6 +224,8 @@ def to_latex(display: pd.DataFrame, caption: str, label_: str) -> str:
 
 def section_frame(section: Section, splits: list[str], baseline: str | None, style: Style,
                   split: str = SELECT_SPLIT) -> pd.DataFrame:
+    if section.name == KINDS_TABLE:
+        return kinds_frame(section.table, split, baseline, style)
     if not section.axes:
         return variants_frame(section.table, split, baseline, style)
     if len(section.axes) == 2:

@@ -141,13 +141,13 @@ class Sweep:
         return self._deltas(reference, variant, split)
 
     def _deltas(self, base: Variant, variant: Variant, split: str) -> dict:
-        arms = [_long_table(v, split) for v in (base, variant)]
+        arms = [long_table(v, split) for v in (base, variant)]
         if any(a is None for a in arms):
             return {}
         return compare_tables(*arms, metrics=DELTA_METRICS, n_boot=self.n_boot, seed=self.seed)
 
 
-def _long_table(variant: Variant, split: str) -> pd.DataFrame | None:
+def long_table(variant: Variant, split: str) -> pd.DataFrame | None:
     """All seeds' per-expression counts of one split, with a seed column; None when one is missing."""
     column = f"per_expression/{split}"
     if column not in variant.trials:
