@@ -2,7 +2,8 @@
 
 Trains the default sweep's base (`sweep-refshapes`: the pretrained tiny CLIP on RefShapes) once per
 scorer setting and reads each run's per-epoch `mask/*` metrics (`cmmasksd.model.mask_stats`) and
-val mIoU from its `results.json`. Coverage is the share of the referred object's area the LMVSD
+val mIoU from its `results.json`, overall and per expression kind (and, for the live scorer, the
+frozen scorer's masks drawn beside it: `mask/frozen/...`). Coverage is the share of the referred object's area the LMVSD
 cells hide; its chance is the masked share of the whole image (about the ratio), so coverage /
 chance > 1 means the masks prefer the object. Word hit / chance is the same for VMLSD's words.
 
@@ -48,15 +49,19 @@ def run_arm(name: str, overrides: dict, args, tmp: Path) -> dict:
     subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     history = json.loads((out / "results.json").read_text())["history"]
-    keys = ("mask/lmvsd_coverage", "mask/lmvsd_coverage_chance", "mask/lmvsd_hit", "mask/lmvsd_chance",
-            "mask/vmlsd_hit", "mask/vmlsd_chance", "val/miou", "step_time_s")
     return {"arm": name, "overrides": overrides,
-            "epochs": [{"epoch": h["epoch"], **{k.split("/")[-1] if "/" in k else k: h.get(k) for k in keys}}
+            "epochs": [{"epoch": h["epoch"], "miou": h["val/miou"], "step_time_s": h["step_time_s"],
+                        **{k.removeprefix("mask/"): v for k, v in h.items() if k.startswith("mask/")}}
                        for h in history]}
 
 
 def ratio(a, b):
     return None if a is None or not b else round(a / b, 3)
+
+
+def coverage(epoch: dict, prefix: str = "") -> float | None:
+    """LMVSD coverage over its chance; `prefix`: "<kind>/", "frozen/", "frozen/<kind>/"."""
+    return ratio(epoch.get(f"{prefix}lmvsd_coverage"), epoch.get(f"{prefix}lmvsd_coverage_chance"))
 
 
 def main() -> None:
@@ -69,11 +74,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cmmasksd-scorers-") as tmp, ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda name: run_arm(name, ARMS[name], args, Path(tmp)), args.arms))
-    print(f"{'arm':<20} {'epoch':>5} {'coverage/chance':>16} {'hit/chance':>11} {'words/chance':>13} {'val mIoU':>9}")
+    kinds = ("attribute", "positional", "relational")
+    print(f"{'arm':<20} {'epoch':>5} {'coverage/chance':>16} {'(' + ' / '.join(kinds) + ')':>36} "
+          f"{'frozen beside':>13} {'words/chance':>13} {'val mIoU':>9}")
     for result in results:
         for e in result["epochs"]:
-            print(f"{result['arm']:<20} {e['epoch']:>5} {ratio(e['lmvsd_coverage'], e['lmvsd_coverage_chance'])!s:>16} "
-                  f"{ratio(e['lmvsd_hit'], e['lmvsd_chance'])!s:>11} {ratio(e['vmlsd_hit'], e['vmlsd_chance'])!s:>13} "
+            per_kind = " / ".join(str(coverage(e, f"{kind}/")) for kind in kinds)
+            print(f"{result['arm']:<20} {e['epoch']:>5} {coverage(e)!s:>16} {per_kind:>36} "
+                  f"{coverage(e, 'frozen/')!s:>13} {ratio(e.get('vmlsd_hit'), e.get('vmlsd_chance'))!s:>13} "
                   f"{100 * e['miou']:>9.2f}")
     summary = {"command": "benchmarks/bench_scorers.py " + " ".join(sys.argv[1:]),
                "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},

@@ -162,7 +162,9 @@ class OptimConfig(_Strict):
     epochs: int = Field(default=50, ge=1)
     milestones: list[int] = Field(default_factory=lambda: [35])
     gamma: float = Field(default=0.1, gt=0.0)
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1)  # the global batch: all processes, all micro-batches
+    # micro-batches per optimizer step (`cmmasksd.step`): the same recipe in less memory per device
+    accumulate: int = Field(default=1, ge=1)
     grad_clip: float | None = Field(default=None, gt=0.0)
     amp: bool = True  # bf16 autocast on CUDA and on CPUs with native bf16 (avx512_bf16); else fp32
 
@@ -172,6 +174,13 @@ class OptimConfig(_Strict):
         if v != sorted(v):
             raise ValueError(f"milestones must be increasing, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self) -> "OptimConfig":
+        if self.accumulate > self.batch_size:
+            raise ValueError(f"accumulate ({self.accumulate}) cuts batch_size ({self.batch_size}) into micro-batches: "
+                             "it must not exceed it")
+        return self
 
 
 class RunConfig(_Strict):

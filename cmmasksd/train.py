@@ -34,6 +34,7 @@ from cmmasksd.identity import differences, resolve_device, run_identity
 from cmmasksd.io.checkpoint import read_checkpoint, read_resume_state, save_checkpoint
 from cmmasksd.model import CMMaskSD, create_model, parameter_report
 from cmmasksd.model.mask_stats import MaskStats
+from cmmasksd.step import BATCH_KEYS, StepTimer, optimizer_step
 from cmmasksd.visualize import save_learning_curves, save_prediction_overlays
 
 log = logging.getLogger(__name__)
@@ -102,36 +103,6 @@ def build_optimizer(model: CMMaskSD, config: TrainConfig) -> torch.optim.Optimiz
     cls = torch.optim.AdamW if opt.optimizer == "adamw" else torch.optim.Adam
     fused = resolve_device(config.device).type == "cuda"  # one kernel for all parameters
     return cls(groups, weight_decay=opt.weight_decay, fused=fused)
-
-
-class StepTimer:
-    """Step times without a synchronize per step: on CUDA, events recorded around each step are
-    read once at the end of the epoch (the host queues work ahead instead of waiting)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def start(self) -> None:
-        self.marks.append([self._now(), None])
-
-    def stop(self) -> None:
-        self.marks[-1][1] = self._now()
-
-    def _now(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def epoch_times(self) -> list[float]:
-        """Seconds per step since the last call."""
-        marks, self.marks = self.marks, []
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [start.elapsed_time(end) / 1000 for start, end in marks]
-        return [end - start for start, end in marks]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -207,20 +178,12 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         epoch_start = time.perf_counter()
         for batch in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None if ctx.main else True):
             timer.start()
-            images = batch["image"].to(device, non_blocking=True)
-            tokens = batch["tokens"].to(device, non_blocking=True)
-            masks = batch["mask"].to(device, non_blocking=True)
-            content = batch["content"].to(device, non_blocking=True)
-            kind = batch["kind"].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, parts = step(images, tokens, masks, mask_stats, content, kind)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            optimizer.step()
+            batch = {key: batch[key].to(device, non_blocking=True) for key in BATCH_KEYS}
+            loss, parts = optimizer_step(step, optimizer, batch, accumulate=config.optim.accumulate,
+                                         grad_clip=config.optim.grad_clip, amp=amp, device_type=device.type,
+                                         stats=mask_stats)
             timer.stop()
-            for key, value in {"loss": loss.detach(), **parts}.items():  # summed on the device: no sync
+            for key, value in {"loss": loss, **parts}.items():  # summed on the device: no sync
                 sums[key] = sums.get(key, 0.0) + value
         n_steps = max(len(loader), 1)
         step_times.extend(timer.epoch_times())
