@@ -4,12 +4,15 @@
     .venv/bin/python benchmarks/bench_step.py --model cris-tiny-vit --threads 1
     .venv/bin/python benchmarks/bench_step.py --model cris-vit-b-16 --size 416 --batch 32 --device cuda --amp
 
-For each variant (`cris`, `lmvsd`, `vmlsd`, `both`, `both-frozen`: masks scored by the no-grad
-pretrained copy (`masksd.scorer: frozen`; `scorer_mb`: its weights), `maskris`: one joint masked
-pass, and `naive`: both branches as three full passes, no clean features reused, for reference
-only; on a ViT also `lmvsd-drop` and `both-drop`, `masksd.vit_masking: drop`) it reports the FLOPs of one step (forward + backward, counted by
+For each variant (`cris`, `lmvsd`, `vmlsd`, `both`: the default, masks scored by the no-grad
+pretrained copy (`masksd.scorer: frozen`; `scorer_mb`: its weights), `both-live`: scored by the model
+itself (no copy), `both-ckpt`: the default with activation checkpointing (`run.grad_checkpointing`),
+`maskris`: one joint masked pass, and `naive`: both branches as three full passes, no clean features
+reused, for reference only; on a ViT also `lmvsd-drop` and `both-drop`, `masksd.vit_masking: drop`) it
+reports the FLOPs of one step (forward + backward, counted by
 `torch.utils.flop_counter.FlopCounterMode`), the median step time over `--steps` after `--warmup`
-(CUDA: timed with CUDA events, no synchronize inside the step), samples/s, peak memory (CUDA only)
+(CUDA: timed with CUDA events, no synchronize inside the step), samples/s, peak memory (CUDA:
+`max_memory_allocated`; CPU: the profiler's peak of tensor memory, `cmmasksd.plan.measured_peak`)
 and, on CUDA, model FLOP/s and the fraction of the device's bf16 peak (MFU; `--peak-tflops` or a
 table of known devices). Then evaluation throughput: expressions/s through `evaluate_split` on
 a generated RefShapes split at `--size`, the original-resolution metric included. Random weights:
@@ -41,8 +44,10 @@ from cmmasksd.model.masksd import CMMaskSD
 REPO = Path(__file__).resolve().parent.parent
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 VARIANTS = {"cris": {"branches": "none"}, "lmvsd": {"branches": "lmvsd"}, "vmlsd": {"branches": "vmlsd"},
-            "both": {"branches": "both"}, "naive": {"branches": "both"},
-            "both-frozen": {"branches": "both", "scorer": "frozen"},  # + the no-grad pretrained scorer
+            "both": {"branches": "both"},  # the default: masks scored by the no-grad pretrained copy
+            "both-live": {"branches": "both", "scorer": "live"},  # scored by the model itself: no copy
+            "both-ckpt": {"branches": "both"},  # the default with activation checkpointing
+            "naive": {"branches": "both", "scorer": "live"},
             "maskris": {"recipe": "maskris"}}  # one joint masked pass
 DROP_VARIANTS = {"lmvsd-drop": {"branches": "lmvsd", "vit_masking": "drop"},
                  "both-drop": {"branches": "both", "vit_masking": "drop"}}
@@ -164,6 +169,7 @@ def main() -> None:
             continue
         if device.type == "cuda" and not model_cfg.clip.startswith(("ViT", "tiny-vit")):
             model = model.to(memory_format=torch.channels_last)
+        model.set_grad_checkpointing(name.endswith("-ckpt"))
         rows.append(measure(name, model, data, args, device))
         scorer = model.frozen.backbone.state_dict().values() if model.frozen is not None else []
         rows[-1]["scorer_mb"] = sum(t.numel() * t.element_size() for t in scorer) / 2**20  # the frozen copy's weights

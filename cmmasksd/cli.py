@@ -1,4 +1,4 @@
-"""`cmmasksd` command line: generate data, prepare it, train, evaluate, predict, count parameters."""
+"""`cmmasksd` command line: generate data, prepare it, train, evaluate, predict, plan a run, count parameters."""
 
 from __future__ import annotations
 
@@ -104,6 +104,21 @@ def cmd_params(args) -> None:
     print(json.dumps(parameter_report(get_model_config(args.model)), indent=2))
 
 
+def cmd_plan(args) -> None:
+    from cmmasksd.config import load_config
+    from cmmasksd.plan import DEVICES, format_plan, make_plan
+
+    config = load_config(args.config, _parse_overrides(args.set))
+    if args.device and args.device not in DEVICES:
+        raise ValueError(f"--device {args.device}: not a known GPU; known: {', '.join(DEVICES)} (or give --gpu-memory-gb)")
+    memory = args.gpu_memory_gb or (DEVICES[args.device].memory_gb if args.device else None)
+    plan = make_plan(config, name=Path(args.config).stem if args.config.endswith((".yaml", ".yml")) else args.config,
+                     devices=args.devices, gpu_memory_gb=memory, mfu=args.mfu, size=args.size, word_len=args.word_len)
+    print(format_plan(plan))
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cmmasksd", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -146,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("plan", help="will a run fit on a GPU, and what it costs (memory, FLOPs, GPU-hours)")
+    p.add_argument("--config", required=True, help="YAML file or shipped config name (paper-refcoco-rn101, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.batch_size=32")
+    p.add_argument("--devices", type=int, default=1, help="data-parallel GPUs")
+    p.add_argument("--gpu-memory-gb", type=float, help="each GPU's memory: find the micro-batch and accumulation")
+    p.add_argument("--device", help="a known GPU, e.g. H100 (its memory, if --gpu-memory-gb is not given)")
+    p.add_argument("--mfu", type=float, default=0.3, help="assumed model FLOPs utilisation for GPU-hours")
+    p.add_argument("--size", type=int, help="input size (default: the prepared split's, else 416)")
+    p.add_argument("--word-len", type=int, help="text length (default: the prepared split's, else 17)")
+    p.add_argument("--json", help="write the plan here")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("params", help="parameter counts of the CRIS baseline and CM-MaskSD")
     p.add_argument("--model", required=True, help="registered model config, e.g. cris-rn101")

@@ -197,6 +197,10 @@ class RunConfig(_Strict):
     # pretrained towers per step (RN101 at 416 px: +5.9 % FLOPs, 461 MB; `benchmarks/bench_step.py`);
     # its draws use a forked random state, so the weights are those of a run without it (tested).
     compare_frozen: bool = True
+    # Activation checkpointing in the CLIP towers: their blocks are recomputed in the backward pass
+    # (less memory, more time: `benchmarks/bench_step.py --grad-checkpointing`). Here, not in `model`,
+    # because it computes the same weights (tested bit for bit on the CPU).
+    grad_checkpointing: bool = False
 
 
 class TrainConfig(_Strict):

@@ -140,6 +140,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
 
     # model, optimizer, schedule
     model = create_model(config.model, config.masksd, compare_frozen=config.run.compare_frozen).to(device)
+    model.set_grad_checkpointing(config.run.grad_checkpointing)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.optim.milestones, config.optim.gamma)
     amp = identity["runtime"]["precision"] == "bf16"

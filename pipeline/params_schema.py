@@ -143,6 +143,9 @@ class ResourcesParams(_Section):
     cpu: float = Field(default=1, gt=0)
     gpu: float = Field(default=0, ge=0)
     workers: int = Field(default=1, ge=1)
+    # each GPU's memory: with `gpu` > 0 the sweep checks, before Ray starts, that every trial's training
+    # step fits (`pipeline.plan.check_fits`; `python -m pipeline.plan` shows the plan)
+    gpu_memory_gb: float | None = Field(default=None, gt=0)
 
 
 class SweepParams(_Section):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.params_schema import PreprocessSettings
+    from pipeline.params_schema import PreprocessSettings, ResourcesParams
 
 
 def keep_local_ray_on_loopback(address: str | None) -> None:
@@ -42,3 +42,31 @@ def check_model(config: dict[str, Any]) -> None:
 
     validated = build_config(config)
     create_model(validated.model, validated.masksd)
+
+
+def check_fits(configs: dict[str, Any], resources: ResourcesParams, size: int, word_len: int) -> None:
+    """Every variant's training step ({name: TrainConfig}) fits in `sweep.resources.gpu_memory_gb` (when
+    set for GPU trials, `cmmasksd.plan`), else an error that names the setting to change."""
+    if not resources.gpu or not resources.gpu_memory_gb:
+        return
+    from cmmasksd.plan import HEADROOM, make_plan
+
+    usable = HEADROOM * resources.gpu_memory_gb
+    for name, config in configs.items():
+        plan = make_plan(config, name, resources.workers, resources.gpu_memory_gb, size=size, word_len=word_len,
+                         only_the_run=True)
+        need = plan.memory[plan.precision]["checkpointing" if config.run.grad_checkpointing else "plain"]["total"]
+        if need <= usable:
+            continue
+        fit = plan.fit
+        if fit["fits"]:
+            advice = f"set optim.accumulate: {fit['accumulate']} in train.overrides (micro-batch {fit['micro_batch']}, " \
+                     f"{fit['memory_gb']:.1f} GiB)"
+            if fit["grad_checkpointing"] and not config.run.grad_checkpointing:
+                advice += " and run.grad_checkpointing: true"
+        else:
+            advice = "use GPUs with more memory, more sweep.resources.workers, or a smaller input"
+        raise ValueError(f"params.yaml: sweep.resources.gpu_memory_gb is {resources.gpu_memory_gb:g} ({usable:.0f} GiB "
+                         f"usable), but a training step of variant `{name}` needs {need:.1f} GiB per GPU in "
+                         f"{plan.precision} at micro-batch {plan.micro_batch}: {advice} (`python -m pipeline.plan` "
+                         "shows the plan)")

@@ -43,7 +43,7 @@ from pipeline.contract import (
 )
 from pipeline.identity import code_digest, git_state, sweep_identity
 from pipeline.params_schema import Params, ResourcesParams, SweepParams, TrainParams
-from pipeline.preflight import check_model, check_prepared, keep_local_ray_on_loopback
+from pipeline.preflight import check_fits, check_model, check_prepared, keep_local_ray_on_loopback
 from pipeline.storage import RayStorage, check_shared
 from pipeline.tracking import (
     check_tracking_server,
@@ -246,6 +246,9 @@ def run_sweep(params: Params, out_dir: Path = OUT_DIR) -> pd.DataFrame:
     check_model(trial_config(base, {}, prepared_dir, Path("."), threads))
     resolved = build_config(trial_config(base, {}, prepared_dir, Path("."), threads))
     trials = expand_grid(sweep, resolved.masksd.branches)
+    settings = params.preprocess[dataset]
+    check_fits({t.name: build_config(trial_config(base, t.settings, prepared_dir, Path("."), threads)) for t in trials},
+               sweep.resources, settings.size, settings.word_len)
     identities = trial_identities(base, trials, prepared_dir, threads, sweep.resources)
     scheduling = {"workers": sweep.resources.workers, "asha": sweep.asha.model_dump()}  # they change numbers
     code, data = code_digest(), prepared_digest(prepared_dir)

@@ -25,6 +25,7 @@ from cmmasksd.model import (
     masksd,
     parameter_report,
 )
+from cmmasksd.model.batchnorm import clean_batch_stats
 from cmmasksd.model.towers import resnet
 
 # ---- a. BatchNorm's running statistics describe clean images --------------------------------------
@@ -64,16 +65,16 @@ def test_clean_batch_stats_normalises_by_the_batch_and_restores_tracking():
     norm = nn.BatchNorm2d(3).train()
     x = 5 + 3 * torch.randn(8, 3, 4, 4)
     before = batchnorm_state(norm)
-    with masksd.clean_batch_stats(norm):
+    with clean_batch_stats(norm):
         y = norm(x)
-        assert not norm.track_running_stats
+        assert norm.momentum == 0.0
     assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-5  # the batch's statistics, not the running (0, 1)
     assert y.var(dim=(0, 2, 3), unbiased=False).sub(1).abs().max() < 1e-3
     assert all(torch.equal(v, batchnorm_state(norm)[k]) for k, v in before.items())
-    assert norm.track_running_stats
-    with pytest.raises(RuntimeError, match="inside"), masksd.clean_batch_stats(norm):
+    assert norm.momentum == 0.1
+    with pytest.raises(RuntimeError, match="inside"), clean_batch_stats(norm):
         raise RuntimeError("inside")
-    assert norm.track_running_stats  # restored on an error too
+    assert norm.momentum == 0.1  # restored on an error too
     norm(x)
     assert norm.num_batches_tracked.item() == 1
 

@@ -351,6 +351,10 @@ def test_metrics_json_for_dvc(report):
     assert metrics["best_delta_miou"] == pytest.approx(best.mean() - baseline.mean())
     assert metrics["best_delta_ci_low"] > 0 and metrics["best_delta_significant"] is False
     assert metrics["figures"] == 3  # two grid heatmaps and the learning curves: no overlays were logged
+    deltas = [planted(name) - planted("cris") for name in ("lmvsd", "vmlsd", "both")]
+    sd_delta = np.sqrt(np.mean([d.var(ddof=1) for d in deltas]))  # what the power line says, for `pipeline.plan`
+    assert metrics["val_sd_delta"] == pytest.approx(sd_delta)
+    assert metrics["val_min_detectable_delta"] == pytest.approx(2.801585 * sd_delta / np.sqrt(3), rel=1e-5)
 
 
 def test_figures_are_what_the_sweep_can_draw_and_nothing_else(report):

@@ -55,6 +55,7 @@ class ClipBackbone(nn.Module):
         for name, layer in self.tower.new_layers().items():
             self.add_module(name, layer)
 
+        self.grad_checkpointing = False  # `set_grad_checkpointing`
         self.text_mask_token = self._mask_token(self.word_dim) if with_mask_tokens else None
         token_dim = self.tower.mask_token_dim
         self.visual_mask_token = self._mask_token(token_dim) if with_mask_tokens and token_dim else None
@@ -66,6 +67,13 @@ class ClipBackbone(nn.Module):
     @property
     def level_dims(self) -> tuple[int, int, int]:
         return self.tower.level_dims
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the towers' blocks in the backward pass instead of keeping their activations:
+        open_clip's own switch for its transformers (ViT and text), `self.tower` for the rest (the
+        ResNet stages, which open_clip leaves out)."""
+        self.grad_checkpointing = enable
+        self.clip.set_grad_checkpointing(enable)
 
     @staticmethod
     def _mask_token(dim: int) -> nn.Parameter:

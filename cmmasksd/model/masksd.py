@@ -61,7 +61,6 @@ allows at this ratio. `attention` keeps the plain reading for comparison.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from collections.abc import Iterator
 
@@ -72,6 +71,7 @@ from torch import nn
 from cmmasksd.config import MaskSDConfig
 from cmmasksd.losses import distill_loss, seg_loss
 from cmmasksd.model.backbone import TextFeatures, VisualFeatures
+from cmmasksd.model.batchnorm import clean_batch_stats
 from cmmasksd.model.cris import CRIS
 from cmmasksd.model.mask_stats import MaskStats
 
@@ -173,20 +173,6 @@ def correlation_cells(dense: torch.Tensor, sentence: torch.Tensor, grid: tuple[i
     return cells_from_scores(correlation_scores(dense, sentence, centre), grid, ratio, strategy, temperature, valid)
 
 
-@contextlib.contextmanager
-def clean_batch_stats(module: nn.Module) -> Iterator[None]:
-    """Inside, BatchNorm layers normalise by the batch as in training but leave their running
-    statistics alone: those should describe clean images, which is what evaluation sees."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for norm in norms:
-        norm.track_running_stats = False
-    try:
-        yield
-    finally:
-        for norm in norms:
-            norm.track_running_stats = True
-
-
 class FrozenScorer:
     """A no-grad copy of the pretrained CLIP towers that scores the masks (`scorer: frozen`).
 
@@ -224,6 +210,12 @@ class CMMaskSD(nn.Module):
         # Taken now, while the backbone holds the pretrained weights (a resumed run loads over them later).
         wants_copy = (cfg.branches != "none" and cfg.scorer == "frozen") or self.compares_frozen
         self.frozen = FrozenScorer(seg.backbone) if wants_copy else None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in the towers of every network that trains (`ClipBackbone`); the
+        frozen scorer runs without gradients and keeps nothing anyway."""
+        for net in {id(self.seg): self.seg, id(self.masked_net): self.masked_net}.values():
+            net.backbone.set_grad_checkpointing(enable)
 
     @property
     def masked_net(self) -> CRIS:

@@ -67,9 +67,13 @@ def published_table(dataset: str, ours: dict[str, dict[str, float]]) -> pd.DataF
     return pd.DataFrame(rows, columns=["row", *splits])
 
 
-def summary_metrics(sweep: Sweep | None, best, n_trials: int, n_missing: int) -> dict:
-    """Flat numbers for `dvc metrics show` and the parent run; null where the sweep cannot say."""
+def summary_metrics(sweep: Sweep | None, best, n_trials: int, n_missing: int, val_power: dict | None = None) -> dict:
+    """Flat numbers for `dvc metrics show` and the parent run; null where the sweep cannot say.
+    `val_power` (`tables.power` on val) gives the seed spread a plan for more seeds starts from."""
     metrics = {"n_trials": n_trials, "n_failed": n_missing}
+    for key, name in (("sd_delta", "val_sd_delta"), ("min_detectable_delta", "val_min_detectable_delta")):
+        value = (val_power or {}).get(key)
+        metrics[name] = None if value is None or pd.isna(value) else float(value)
     base = sweep.baseline if sweep else None
 
     def get(variant, metric, field="mean", split=SELECT_SPLIT):
@@ -187,7 +191,7 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
     tables = [s.table for s in sections if not s.table.empty]
     long = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=LONG_COLUMNS)
     _write(out / "ablation.csv", long.to_csv(index=False))
-    metrics = summary_metrics(sweep, best, len(trials), len(missing))
+    metrics = summary_metrics(sweep, best, len(trials), len(missing), powers.get(SELECT_SPLIT))
     metrics["figures"] = len(figures)
     _write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 

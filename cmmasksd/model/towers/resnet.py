@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 from torch import nn
 
+from cmmasksd.model.batchnorm import checkpointed
 from cmmasksd.model.towers.base import VisualFeatures, VisualTower, resize_pos_embed
 
 
@@ -113,11 +114,17 @@ class ResNetTower(VisualTower):
         visual = backbone.clip.visual
         if patch_mask is not None:
             x = fill_cells(x, cells_to_pixels(patch_mask, tuple(x.shape[-2:])), fill, backbone)
-        f8 = visual.layer2(visual.layer1(visual.stem(x)))
-        f16 = visual.layer3(f8)
-        c5 = visual.layer4(f16)
+        run = checkpointed if backbone.grad_checkpointing else _call
+        f8 = run(visual.layer2, run(visual.layer1, run(visual, x, visual.stem)))
+        f16 = run(visual.layer3, f8)
+        c5 = run(visual.layer4, f16)
         b, _, h, w = c5.shape
         pooled = spatial_attention_pool(visual.attnpool, c5)
         joint = pooled[1:].permute(1, 2, 0).reshape(b, -1, h, w)
         f32 = F.relu(joint + backbone.pool_residual(c5))
         return VisualFeatures([f8, f16, f32], joint, (h, w), value_path(visual.attnpool, c5), pooled[0])
+
+
+
+def _call(module: nn.Module, x: torch.Tensor, forward=None) -> torch.Tensor:
+    return (forward or module)(x)
