@@ -35,16 +35,27 @@ class Dist:
         return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+INIT_METHOD_ENV = "CMMASKSD_INIT_METHOD"
+
+
 def init_from_env() -> bool:
     """Join the process group `torchrun` describes in the environment (WORLD_SIZE, RANK,
-    LOCAL_RANK, MASTER_ADDR, MASTER_PORT): nccl on CUDA, gloo on the CPU. False if there is none."""
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT): nccl on CUDA, gloo on the CPU. False if there is none.
+
+    `CMMASKSD_INIT_METHOD=file:///path` meets through a file instead of MASTER_ADDR's TCP store,
+    which listens on every interface of its host whatever MASTER_ADDR says: with a file rendezvous
+    for torchrun too, a one-machine run opens no port beyond loopback (docs/cluster.md)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    if torch.cuda.is_available():
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
+    init_method = os.environ.get(INIT_METHOD_ENV)
+    if init_method:
+        dist.init_process_group(backend, init_method=init_method, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
     return True
 
 

@@ -30,9 +30,9 @@ def micro_batches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torc
     size = len(batch["image"])
     if n == 1:
         return [batch]
-    if n > size:
-        raise ValueError(f"optim.accumulate: {n} micro-batches, but this process's batch has {size} samples; "
-                         "lower optim.accumulate or raise optim.batch_size")
+    if size < 2 * n:  # the CRIS neck's BatchNorm1d cannot train on one sample
+        raise ValueError(f"optim.accumulate: {n} micro-batches of this process's {size} samples leave fewer than 2 "
+                         "in a micro-batch (BatchNorm needs 2); lower optim.accumulate or raise optim.batch_size")
     parts = {key: batch[key].tensor_split(n) for key in BATCH_KEYS}
     return [{key: parts[key][i] for key in BATCH_KEYS} for i in range(n)]
 

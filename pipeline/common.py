@@ -55,3 +55,12 @@ def run_main(main: Callable[[], int | None]) -> NoReturn:
         print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
     raise SystemExit(status)
+
+
+def quiet_state_api_checks() -> None:
+    """Ray worker setup hook (`init_ray`) for the local Ray, which runs without a dashboard and so
+    without the State API: Ray Train's placement-group cleaner asks that API every second whether a
+    multi-worker trial's controller still lives, and logs "State API may be temporarily unavailable"
+    each time it cannot. Only that logger is quieted; the cleaner still removes the trial's placement
+    group when the controller stops it."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

@@ -163,6 +163,7 @@ def init_ray(address: str | None) -> None:
     if address:
         context = ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        runtime_env["worker_process_setup_hook"] = "pipeline.common.quiet_state_api_checks"  # no dashboard here
         context = ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
                            _node_ip_address="127.0.0.1")  # loopback only: see keep_local_ray_on_loopback
     log.info("Ray cluster at %s (%s)", context.address_info["gcs_address"], "given" if address else "started here")

@@ -97,8 +97,9 @@ def test_micro_batches_cut_every_input_alike_and_refuse_too_many():
     parts = micro_batches(batch, 2)
     assert [len(p["image"]) for p in parts] == [3, 2]
     assert all(torch.equal(torch.cat([p[k] for p in parts]), batch[k]) for k in batch)
-    with pytest.raises(ValueError, match="optim.accumulate: 6 micro-batches, but this process's batch has 5"):
-        micro_batches(batch, 6)
+    with pytest.raises(ValueError, match="optim.accumulate: 3 micro-batches of this process's 5 samples leave fewer "
+                                         "than 2 in a micro-batch"):
+        micro_batches(batch, 3)
     with pytest.raises(ValueError, match="accumulate \\(8\\) cuts batch_size \\(4\\)"):
         OptimConfig(batch_size=4, accumulate=8)
 

@@ -82,3 +82,37 @@ def test_two_gloo_processes_train_resume_after_a_kill_and_repeat_exactly(tiny_co
     a, b = last_state(straight)["model"], last_state(killed)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def listening_addresses(root: psutil.Process) -> set[str]:
+    """The local addresses the process tree under `root` listens on (TCP)."""
+    found = set()
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            found |= {c.laddr.ip for c in process.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def test_the_one_machine_recipe_listens_on_loopback_only(tiny_config, tmp_path):
+    """docs/cluster.md's single-node recipe: file rendezvous for torchrun and for the process group,
+    gloo on `lo`. While it trains, every listening socket of the launcher and its workers is on
+    127.0.0.1 (with --standalone, torchrun's TCP store listens on '::', every interface: measured)."""
+    rendezvous = tmp_path / "rendezvous"
+    rendezvous.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+           "CMMASKSD_INIT_METHOD": f"file://{rendezvous}/workers"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", str(rendezvous / "agents"), "--rdzv-conf", "store_type=file",
+         "-m", "cmmasksd.cli", "train", "--config", str(write_config(tiny_config, tmp_path, "loopback"))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env)
+    seen, deadline = set(), time.time() + 300
+    launcher = psutil.Process(proc.pid)
+    while proc.poll() is None and time.time() < deadline:
+        seen |= listening_addresses(launcher)
+        time.sleep(0.2)
+    output = finish(proc)
+    assert '"best_epoch"' in output
+    assert seen == {"127.0.0.1"}, seen  # gloo listened, on loopback alone

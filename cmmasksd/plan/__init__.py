@@ -31,6 +31,7 @@ GIB = 2**30
 HEADROOM = 0.9  # the share of a GPU's memory a step may plan to use
 DEFAULT_MFU = 0.3  # an assumption: measure yours with benchmarks/bench_step.py --device cuda (it prints MFU)
 DEFAULT_SIZE, DEFAULT_WORD_LEN = 416, 17  # CRIS's input size and text length, where no prepared split says
+MIN_MICRO_BATCH = 2  # the CRIS neck's BatchNorm1d over sentence features needs 2 samples to train
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def fit(model, config: TrainConfig, traces: dict, gpu_memory_gb: float, devices:
             traces[precision, ckpt] = trace_step(model, config, per_device // config.optim.accumulate, size, word_len,
                                                  precision, ckpt, config.optim.accumulate, count_flops=False)
         first = traces[precision, ckpt]
-        other_micro = first.micro_batch // 2 if first.micro_batch > 1 else 2
+        other_micro = first.micro_batch // 2 if first.micro_batch >= 4 else first.micro_batch * 2
         second = trace_step(model, config, other_micro, size, word_len, precision, ckpt, first.accumulate,
                             count_flops=False)
         slope = (first.peak["total"] - second.peak["total"]) / (first.micro_batch - other_micro)
@@ -180,7 +181,7 @@ def fit(model, config: TrainConfig, traces: dict, gpu_memory_gb: float, devices:
 
         answer = {"grad_checkpointing": ckpt, "per_sample_gb": slope / GIB, "fixed_gb": (fixed + extra) / GIB,
                   "kept_gradients_gb": kept / GIB}
-        for steps in range(1, per_device + 1):
+        for steps in range(1, per_device // MIN_MICRO_BATCH + 1):
             if per_device % steps == 0 and memory(per_device // steps, steps) <= usable:
                 micro = per_device // steps
                 answer |= {"fits": True, "micro_batch": micro, "accumulate": steps,
@@ -188,7 +189,7 @@ def fit(model, config: TrainConfig, traces: dict, gpu_memory_gb: float, devices:
                 break
         else:
             answer |= {"fits": False, "micro_batch": None, "accumulate": None,
-                       "memory_gb": memory(1, per_device) / GIB}
+                       "memory_gb": memory(MIN_MICRO_BATCH, 2) / GIB}
         answers.append(answer)
         if answer["fits"]:
             break
@@ -219,13 +220,13 @@ def format_plan(plan: Plan) -> str:
                       + f": micro-batch {f['micro_batch']}, optim.accumulate {f['accumulate']} "
                       f"({f['memory_gb']:.1f} GiB)."]
         else:
-            lines += ["", f"Does not fit in {f['gpu_memory_gb']:g} GB even at micro-batch 1 "
+            lines += ["", f"Does not fit in {f['gpu_memory_gb']:g} GB even at micro-batch {MIN_MICRO_BATCH} "
                       f"({f['memory_gb']:.1f} GiB with checkpointing): use more memory or a smaller input."]
     flops = plan.flops
     lines += ["", f"FLOPs: {flops['per_step'] / 1e12:.2f} TFLOP per optimizer step, {flops['per_epoch'] / 1e15:.2f} "
                   f"PFLOP per epoch ({flops['train_samples_per_epoch']:,} samples + {flops['val_expressions']:,} val "
                   f"expressions), {flops['per_trial'] / 1e15:.1f} PFLOP per trial.",
-              "GPU-hours per trial: " + ", ".join(f"{k} {v:g}" for k, v in plan.gpu_hours.items()) + ".",
+              "GPU-hours per trial: " + ", ".join(f"{k} {v:.1f}" for k, v in plan.gpu_hours.items()) + ".",
               *plan.notes]
     return "\n".join(lines)
 
