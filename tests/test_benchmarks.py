@@ -42,3 +42,12 @@ def test_mask_hits_reports_hit_rates_against_chance_per_kind_of_expression(prepa
     assert result["weights"] is None and result["expressions"]["all"] > 0
     assert {"values/all", "attention/all"} <= set(result["hits"])
     assert all(0.0 <= hit["hit"] <= 1.0 and 0.0 < hit["chance"] < 1.0 for hit in result["hits"].values())
+
+
+def test_bench_plan_compares_the_estimate_with_the_cpu_profiler(tmp_path):
+    out = tmp_path / "plan.json"
+    subprocess.run([sys.executable, "benchmarks/bench_plan.py", "--cases", "debug:64:4:fp32", "--json", str(out)],
+                   cwd=PROJECT, check=True, capture_output=True, timeout=300)
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["case"] == "debug:64:4:fp32" and case["measured_mb"] > 0
+    assert 0.8 <= case["ratio"] <= 1.2  # the plan's target

@@ -165,12 +165,15 @@ def test_train_writes_results_tables_and_figures(tiny_config, prepared_root, tmp
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_with_the_same_weights(tiny_config, tmp_path):
-    """Interrupt after epoch 1, restart with the same out_dir: same weights as an uninterrupted run."""
-    straight = build_config(tiny_config(tmp_path / "straight", masksd__strategy="corr_sample"))
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resumed_run_ends_with_the_same_weights(tiny_config, tmp_path, accumulate):
+    """Interrupt after epoch 1, restart with the same out_dir: same weights as an uninterrupted run,
+    with and without gradient accumulation."""
+    settings = {"masksd.strategy": "corr_sample", "optim.accumulate": accumulate}
+    straight = build_config(tiny_config(tmp_path / "straight", **settings))
     train(straight)
 
-    resumed_cfg = build_config(tiny_config(tmp_path / "resumed", masksd__strategy="corr_sample"))
+    resumed_cfg = build_config(tiny_config(tmp_path / "resumed", **settings))
     with pytest.raises(Interrupt):
         train(resumed_cfg, on_epoch=stop_after(1))
     epochs_after_restart = []
