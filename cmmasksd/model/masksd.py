@@ -32,9 +32,11 @@ Xeon; LMVSD coverage = share of the object masked over share of the image masked
 most 2 at ratio 0.5): live 0.35, 0.35, 0.37, 0.39 by epoch; frozen 0.99-1.01; frozen + centre
 1.25-1.27; prediction 1.83-2.00. VMLSD content-word hits over the unbiased chance: live 1.09-1.12,
 frozen 1.23-1.24. Val mIoU after 4 epochs (one seed, so within seed noise): live 43.9, frozen
-38.2, frozen + centre 40.7, prediction (LMVSD alone) 42.4. The default is frozen + centre: the only
-CLIP scorer whose masks stay guided through the run; whether guidance pays in mIoU is what the
-default sweep's seeds have to show.
+38.2, frozen + centre 40.7, prediction (LMVSD alone) 42.4. Re-measured with a tiny CLIP pretrained on
+an AMD EPYC (`benchmarks/scorers_kinds.json`): frozen + centre 1.37-1.38 (attribute expressions 1.6,
+positional ~1.0, relational ~0.9), live 0.30-0.39. The default is frozen + centre: the only CLIP scorer
+whose masks stay guided through the run; whether guidance pays in mIoU is what the default sweep's
+seeds have to show.
 
 Masking cell (`mask_cell`, pixels). None keeps the backbone's own: a ResNet zeroes its
 stride-32 cells of the input, a ViT replaces whole patch tokens by the learned mask token (so a
