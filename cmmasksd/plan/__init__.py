@@ -223,10 +223,10 @@ def format_plan(plan: Plan) -> str:
             lines += ["", f"Does not fit in {f['gpu_memory_gb']:g} GB even at micro-batch {MIN_MICRO_BATCH} "
                       f"({f['memory_gb']:.1f} GiB with checkpointing): use more memory or a smaller input."]
     flops = plan.flops
-    lines += ["", f"FLOPs: {flops['per_step'] / 1e12:.2f} TFLOP per optimizer step, {flops['per_epoch'] / 1e15:.2f} "
+    lines += ["", f"FLOPs: {flops['per_step'] / 1e12:.3g} TFLOP per optimizer step, {flops['per_epoch'] / 1e15:.3g} "
                   f"PFLOP per epoch ({flops['train_samples_per_epoch']:,} samples + {flops['val_expressions']:,} val "
-                  f"expressions), {flops['per_trial'] / 1e15:.1f} PFLOP per trial.",
-              "GPU-hours per trial: " + ", ".join(f"{k} {v:.1f}" for k, v in plan.gpu_hours.items()) + ".",
+                  f"expressions), {flops['per_trial'] / 1e15:.3g} PFLOP per trial.",
+              "GPU-hours per trial: " + ", ".join(f"{k} {v:.3g}" for k, v in plan.gpu_hours.items()) + ".",
               *plan.notes]
     return "\n".join(lines)
 
