@@ -49,6 +49,9 @@ class ModelConfig(_Strict):
     decoder_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     head_dim: int = Field(default=256, ge=8)  # channels of the stride-4 map
     head_kernel: int = Field(default=3, ge=1)  # size of the per-sample text-to-pixel kernel
+    # Keep CLIP's token embedding (most of a small CLIP's weights: 6.3M of the tiny RN's 8.8M) at its
+    # pretrained values: not trained, no gradient, no optimizer state. The text mask token still trains.
+    freeze_token_embedding: bool = False
 
     @model_validator(mode="after")
     def _check_divisible(self) -> "ModelConfig":
@@ -83,6 +86,9 @@ class MaskSDConfig(_Strict):
     mask_ratio_t: float = Field(default=0.3, gt=0.0, lt=1.0)
     lambda_v: float = Field(default=1.0, ge=0.0)
     lambda_t: float = Field(default=1.0, ge=0.0)
+    # Epochs over which the distillation weights rise linearly from 0 to lambda_v / lambda_t (step by
+    # step), so the masked branches distil from a teacher that already segments; 0: full from step 0.
+    distill_warmup: float = Field(default=0.0, ge=0.0)
     distill_loss: Literal["soft_bce", "mse", "kl"] = "soft_bce"
     gt_on_masked: bool = False
     weights: Literal["shared", "separate"] = "shared"

@@ -34,6 +34,7 @@ from cmmasksd.identity import differences, resolve_device, run_identity
 from cmmasksd.io.checkpoint import read_checkpoint, read_resume_state, save_checkpoint
 from cmmasksd.model import CMMaskSD, create_model, parameter_report
 from cmmasksd.model.mask_stats import MaskStats
+from cmmasksd.model.masksd import warmup_scale
 from cmmasksd.step import BATCH_KEYS, StepTimer, optimizer_step
 from cmmasksd.visualize import save_learning_curves, save_prediction_overlays
 
@@ -177,7 +178,11 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         sums: dict[str, torch.Tensor] = {}
         mask_stats = MaskStats(train_split.kinds[0])
         epoch_start = time.perf_counter()
-        for batch in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=None if ctx.main else True):
+        scales = []
+        for i, batch in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}", leave=False,
+                                       disable=None if ctx.main else True)):
+            model.distill_scale = warmup_scale(config.masksd.distill_warmup, epoch, i, len(loader))
+            scales.append(model.distill_scale)
             timer.start()
             batch = {key: batch[key].to(device, non_blocking=True) for key in BATCH_KEYS}
             loss, parts = optimizer_step(step, optimizer, batch, accumulate=config.optim.accumulate,
@@ -201,6 +206,8 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
         metrics = {f"train/{k}": float(v) / (n_steps * ctx.world) for k, v in sums.items()}
         metrics.update({f"val/{k}": v for k, v in val.metrics.items()})
         metrics.update(mask_stats.metrics())
+        if config.masksd.distill_warmup > 0:
+            metrics["distill_scale"] = sum(scales) / max(len(scales), 1)  # the epoch's mean share of lambda
         metrics.update(lr=lr, epoch_time_s=time.perf_counter() - epoch_start,
                        step_time_s=sum(step_times[-n_steps:]) / n_steps)
         history.append({"epoch": epoch + 1, **metrics})

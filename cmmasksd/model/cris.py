@@ -200,6 +200,6 @@ class CRIS(nn.Module):
         purpose: CRIS's pool residual (`connect`) sits inside its backbone and so trains at the
         backbone rate although it starts from random weights; ours is a new layer at `lr`.
         """
-        backbone = self.backbone.clip_parameters()
-        ids = {id(p) for p in backbone}
+        backbone = [p for p in self.backbone.clip_parameters() if p.requires_grad]  # not a frozen embedding
+        ids = {id(p) for p in self.backbone.clip_parameters()}
         return backbone, [p for p in self.parameters() if id(p) not in ids]

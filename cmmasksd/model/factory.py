@@ -85,6 +85,8 @@ def _quiet_root_warnings():
 
 def create_cris(model_cfg: ModelConfig, with_mask_tokens: bool = False) -> CRIS:
     backbone = ClipBackbone(create_clip(model_cfg.clip, model_cfg.pretrained), model_cfg.vit_layers, with_mask_tokens)
+    if model_cfg.freeze_token_embedding:
+        backbone.clip.token_embedding.requires_grad_(False)
     return CRIS(backbone, model_cfg)
 
 

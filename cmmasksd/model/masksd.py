@@ -78,6 +78,15 @@ from cmmasksd.model.cris import CRIS
 from cmmasksd.model.mask_stats import MaskStats
 
 
+def warmup_scale(warmup_epochs: float, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """The share of the distillation weights in use at `step` of `epoch` (0-based): a linear rise from
+    0 over `warmup_epochs` (`masksd.distill_warmup`), then 1. A function of the position only, so a
+    resumed run continues the same ramp."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(1.0, (epoch + step / max(steps_per_epoch, 1)) / warmup_epochs)
+
+
 def select_masked(scores: torch.Tensor, k: torch.Tensor, strategy: str, temperature: float,
                   valid: torch.Tensor | None = None) -> torch.Tensor:
     """Pick k[i] of the valid entries of row i of a B x N score matrix; True = picked.
@@ -203,6 +212,7 @@ class CMMaskSD(nn.Module):
             raise ValueError(f"masksd.vit_masking: drop needs a ViT backbone (a {tower.name} {tower.masking})")
         self.cfg = cfg
         self.seg = seg
+        self.distill_scale = 1.0  # the training loop's `warmup_scale`: the share of lambda_v / lambda_t in use
         # Ablation of weight sharing: the masked branches get their own copy, same initialisation.
         self.student = copy.deepcopy(seg) if cfg.weights == "separate" and cfg.branches != "none" else None
         # `compare_frozen`: the frozen scorer's masks are also drawn, for the diagnostics only
@@ -269,14 +279,14 @@ class CMMaskSD(nn.Module):
         with clean_batch_stats(self.masked_net):
             if cfg.use_joint and cells is not None:
                 parts["lmvsd"] = self._branch_loss(self._masked_logits(images, tokens, vis, txt, cells, words),
-                                                   logits, gt_mask, cfg.lambda_v)
+                                                   logits, gt_mask, cfg.lambda_v * self.distill_scale)
             else:
                 if cells is not None:
                     parts["lmvsd"] = self._branch_loss(self._masked_logits(images, tokens, vis, txt, cells, None),
-                                                       logits, gt_mask, cfg.lambda_v)
+                                                       logits, gt_mask, cfg.lambda_v * self.distill_scale)
                 if words is not None:
                     parts["vmlsd"] = self._branch_loss(self._masked_logits(images, tokens, vis, txt, None, words),
-                                                       logits, gt_mask, cfg.lambda_t)
+                                                       logits, gt_mask, cfg.lambda_t * self.distill_scale)
         total = sum(parts.values())
         zero = total.new_zeros(()).detach()
         report = {"seg": zero, "lmvsd": zero, "vmlsd": zero} | {k: v.detach() for k, v in parts.items()}
