@@ -40,9 +40,9 @@ from cmmasksd.evaluate import evaluate_split
 from cmmasksd.losses import seg_loss
 from cmmasksd.model import create_model, get_model_config
 from cmmasksd.model.masksd import CMMaskSD
+from cmmasksd.plan import DEVICES
 
 REPO = Path(__file__).resolve().parent.parent
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 VARIANTS = {"cris": {"branches": "none"}, "lmvsd": {"branches": "lmvsd"}, "vmlsd": {"branches": "vmlsd"},
             "both": {"branches": "both"},  # the default: masks scored by the no-grad pretrained copy
             "both-live": {"branches": "both", "scorer": "live"},  # scored by the model itself: no copy
@@ -114,7 +114,8 @@ def measure(name: str, model: CMMaskSD, data, args, device: torch.device) -> dic
            "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
     if device.type == "cuda":
         row["tflops"] = row["gflop_per_step"] / seconds / 1e3
-        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+        name = torch.cuda.get_device_name()  # the plan's table of known GPUs (cmmasksd.plan.DEVICES)
+        peak = args.peak_tflops or next((d.bf16_tflops for k, d in DEVICES.items() if k.split("-")[0] in name), None)
         row["mfu"] = row["tflops"] / peak if peak else None
     return row
 

@@ -43,7 +43,7 @@ class Device:
 
 DEVICES = {  # vendors' data sheets, SXM parts
     "A100-40GB": Device(40, 312, 19.5), "A100-80GB": Device(80, 312, 19.5), "L40S": Device(48, 362, 91.6),
-    "H100": Device(80, 989, 67), "H200": Device(141, 989, 67),
+    "H100": Device(80, 989, 67), "H200": Device(141, 989, 67), "A10G": Device(24, 125, 31.2), "L4": Device(24, 121, 30.3),
 }
 
 

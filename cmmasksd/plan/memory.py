@@ -37,7 +37,6 @@ from cmmasksd.distributed import TrainingStep
 from cmmasksd.model import CMMaskSD, create_model
 from cmmasksd.step import optimizer_step
 
-PARTS = ("weights", "gradients", "optimizer", "activations")
 SOT, EOT = 49406, 49407
 
 
@@ -88,19 +87,23 @@ class StepTrace:
     accumulate: int
     precision: str  # fp32 | bf16
     grad_checkpointing: bool
-    peak: dict[str, int]  # bytes by part (PARTS) at the step's peak, and "total"
+    peak: dict[str, int]  # bytes at the step's peak: weights, gradients, optimizer, activations, total
     train_flops: float  # one optimizer step: every micro-batch, forward and backward
     eval_flops: float  # one forward pass of the main branch over the micro-batch
 
 
-def fake_batch(mode: FakeTensorMode, n: int, size: int, word_len: int) -> dict[str, torch.Tensor]:
-    """A training batch's shapes and dtypes, as fake tensors."""
+def example_batch(n: int, size: int, word_len: int) -> dict[str, torch.Tensor]:
+    """A training batch of `n` samples: random images, a short expression, empty masks."""
     tokens = torch.zeros(n, word_len, dtype=torch.long)
     tokens[:, 0], tokens[:, 1:5], tokens[:, 5] = SOT, 400, EOT
-    batch = {"image": torch.zeros(n, 3, size, size, dtype=torch.uint8), "tokens": tokens,
-             "mask": torch.zeros(n, 1, size, size), "content": torch.tensor([[0, 0, size, size]]).expand(n, 4),
-             "kind": torch.zeros(n, dtype=torch.long)}
-    return {k: mode.from_tensor(v) for k, v in batch.items()}
+    return {"image": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8), "tokens": tokens,
+            "mask": torch.zeros(n, 1, size, size), "content": torch.tensor([[0, 0, size, size]]).expand(n, 4),
+            "kind": torch.zeros(n, dtype=torch.long)}
+
+
+def fake_batch(mode: FakeTensorMode, n: int, size: int, word_len: int) -> dict[str, torch.Tensor]:
+    """`example_batch`'s shapes and dtypes, as fake tensors."""
+    return {k: mode.from_tensor(v) for k, v in example_batch(n, size, word_len).items()}
 
 
 def build_model(config: TrainConfig) -> CMMaskSD:
@@ -191,11 +194,7 @@ def measured_peak(config: TrainConfig, micro_batch: int, size: int, word_len: in
     model = build_model(config)
     model.set_grad_checkpointing(grad_checkpointing)
     step, optimizer = TrainingStep(model), _optimizer(model, config, fused=False)  # as it trains on the CPU
-    batch = fake_batch(FakeTensorMode(), micro_batch, size, word_len)
-    batch = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in batch.items()}
-    batch["tokens"][:, 0], batch["tokens"][:, 1:5], batch["tokens"][:, 5] = SOT, 400, EOT
-    batch["image"] = torch.randint(0, 256, batch["image"].shape, dtype=torch.uint8)
-    batch["content"] = torch.tensor([[0, 0, size, size]]).expand(micro_batch, 4)
+    batch = example_batch(micro_batch, size, word_len)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         for _ in range(2):
             optimizer_step(step, optimizer, batch, accumulate=1, grad_clip=config.optim.grad_clip,
