@@ -31,6 +31,15 @@ class DataConfig(_Strict):
     blank_text: bool = False  # ablation: every expression replaced by the empty string
     max_train_objects: int | None = Field(default=None, ge=1)
     max_eval_expressions: int | None = Field(default=None, ge=1)
+    # The val pass after each epoch (model selection, the learning curve, ASHA) on the first N val
+    # expressions only; the val-selected weights are then evaluated on every expression.
+    epoch_val_expressions: int | None = Field(default=None, ge=1)
+
+    @property
+    def epoch_val_items(self) -> int | None:
+        """How many val expressions the per-epoch pass reads (None: all)."""
+        limits = [n for n in (self.epoch_val_expressions, self.max_eval_expressions) if n is not None]
+        return min(limits) if limits else None
 
 
 class ModelConfig(_Strict):

@@ -198,7 +198,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
 
         val = evaluate_split(
             model, val_split, device=device, batch_size=config.optim.batch_size,
-            threshold=config.eval_threshold, max_items=config.data.max_eval_expressions,
+            threshold=config.eval_threshold, max_items=config.data.epoch_val_items,
             blank_text=config.data.blank_text,
         )
         mask_stats.sums = sum_tensors(mask_stats.sums, ctx)  # counts over every rank's samples

@@ -355,6 +355,9 @@ def test_metrics_json_for_dvc(report):
     sd_delta = np.sqrt(np.mean([d.var(ddof=1) for d in deltas]))  # what the power line says, for `pipeline.plan`
     assert metrics["val_sd_delta"] == pytest.approx(sd_delta)
     assert metrics["val_min_detectable_delta"] == pytest.approx(2.801585 * sd_delta / np.sqrt(3), rel=1e-5)
+    # planted curves end 0.85, 1.0 x the final mIoU: the last quarter of 3 epochs is the last epoch
+    assert metrics["baseline_val_last_quarter_rise"] == pytest.approx(0.15 * baseline.mean())
+    assert f"rose {100 * 0.15 * baseline.mean():+.2f} points" in (report.out / "ablation.md").read_text()
 
 
 def test_figures_are_what_the_sweep_can_draw_and_nothing_else(report):

@@ -125,6 +125,26 @@ def test_one_step_trains_evaluates_and_writes_its_files(tiny_config):
     assert saved["best_epoch"] == 1 and saved["identity"] == result.identity
 
 
+def test_epoch_val_reads_a_subset_and_the_selected_weights_every_expression(tiny_config, monkeypatch):
+    """`data.epoch_val_expressions` shortens the per-epoch val pass only; the final tables stay whole."""
+    import cmmasksd.train as train_module
+
+    calls = []
+    real = train_module.evaluate_split
+
+    def recording(model, split, **kwargs):
+        result = real(model, split, **kwargs)
+        calls.append((split.name, len(result.per_expression)))
+        return result
+
+    monkeypatch.setattr(train_module, "evaluate_split", recording)
+    config = build_config(tiny_config(**ONE_STEP, optim__epochs=2, data__epoch_val_expressions=3))
+    result = train(config)
+    assert calls[:2] == [("val", 3), ("val", 3)]  # one pass per epoch, on the first 3 expressions
+    assert sorted(calls[2:]) == sorted((s, 8) for s in SPLITS)  # then every split, max_eval_expressions each
+    assert len(result.per_expression["val"].read_text().splitlines()) == 1 + 8
+
+
 @pytest.mark.slow
 def test_train_writes_results_tables_and_figures(tiny_config, prepared_root, tmp_path):
     config = build_config(tiny_config(tmp_path / "run"))

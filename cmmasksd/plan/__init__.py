@@ -75,11 +75,16 @@ def epoch_sizes(config: TrainConfig) -> tuple[int, int, int, str]:
 
     root = Path(config.data.prepared_dir)
     eval_splits = config.data.eval_splits or []
+    limit = config.data.max_eval_expressions
+
+    def cap(n: int) -> int:
+        return n if limit is None else min(n, limit)
+
     names = {config.data.train_split, config.data.val_split, *eval_splits}
     if all((root / name / "manifest.json").is_file() for name in names):
         counts = {name: PreparedSplit(root / name).manifest["counts"] for name in names}
         train, val = counts[config.data.train_split]["objects"], counts[config.data.val_split]["sentences"]
-        final = sum(counts[s]["sentences"] for s in eval_splits)
+        final = sum(cap(counts[s]["sentences"]) for s in eval_splits)
         source = f"prepared splits in {root}"
     else:
         dataset = root.name
@@ -88,12 +93,12 @@ def epoch_sizes(config: TrainConfig) -> tuple[int, int, int, str]:
             raise ValueError(f"data.prepared_dir {root}: no prepared splits there and no published counts for "
                              f"{dataset!r}; prepare the data first (dvc repro preprocess@{dataset})")
         train, val = published[config.data.train_split]["refs"], published[config.data.val_split]["expressions"]
-        final = sum(published[s]["expressions"] or 0 for s in eval_splits)
+        final = sum(cap(published[s]["expressions"] or 0) for s in eval_splits)
         source = f"published {dataset} counts (cmmasksd.catalogue)"
     if config.data.max_train_objects:
         train = min(train, config.data.max_train_objects)
-    if config.data.max_eval_expressions:
-        val = min(val, config.data.max_eval_expressions)
+    if config.data.epoch_val_items:
+        val = min(val, config.data.epoch_val_items)
     return train, val, final, source
 
 

@@ -47,7 +47,16 @@ from pipeline.report import render
 from pipeline.report.figures import plot_heatmap, plot_learning_curves, replaced_folder, write_curve_files
 from pipeline.report.kinds import kinds_section
 from pipeline.report.load import download_overlay, load_curves, load_trials, missing_trials
-from pipeline.report.tables import LONG_COLUMNS, Section, Sweep, axis_sections, best_variant, power, variants_section
+from pipeline.report.tables import (
+    LONG_COLUMNS,
+    Section,
+    Sweep,
+    axis_sections,
+    best_variant,
+    last_quarter_rise,
+    power,
+    variants_section,
+)
 from pipeline.tracking import experiment_url
 
 
@@ -116,7 +125,7 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_figures(out: Path, sections: list[Section], sweep: Sweep | None, best, client, tracking_uri: str,
+def write_figures(out: Path, sections: list[Section], sweep: Sweep | None, best, client, curves: pd.DataFrame,
                   trials: pd.DataFrame) -> list[str]:
     """Every figure this sweep can draw, into `out/figures/` (replaced whole); their names."""
     with replaced_folder(out / FIGURES_DIR) as folder:
@@ -126,7 +135,6 @@ def write_figures(out: Path, sections: list[Section], sweep: Sweep | None, best,
                 plot_heatmap(section, folder / Path(heatmap_file(section.name)).name, title)
         branches = next((s for s in sections if s.name == "branches"), None)
         highlight = {} if branches is None else dict(zip(branches.table["variant"], branches.table["row"]))
-        curves = load_curves(tracking_uri, trials["run_id"])
         if not curves.empty:
             plot_learning_curves(curves, trials, highlight, folder / "learning_curves.png")
         write_curve_files(curves, trials, out / "curves")
@@ -170,12 +178,17 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
         header.append(f"Best variant on val mIoU (the selection split): `{best.name}`; its test-split deltas "
                       "are the clean estimate of its effect.")
 
-    figures = write_figures(out, sections, sweep, best, client, tracking_uri, trials)
+    curves = load_curves(tracking_uri, trials["run_id"]) if not trials.empty else pd.DataFrame(
+        columns=["run_id", "step", "value"])
+    figures = write_figures(out, sections, sweep, best, client, curves, trials)
     overlays = " (overlays: green ground truth, red prediction)" if any("overlays" in f for f in figures) else ""
     header.append(f"Figures: `{'`, `'.join(figures)}`{overlays}." if figures else
                   "Figures: none (nothing in this sweep to draw).")
 
     powers = {split: power(sweep, split) for split in splits}
+    plateau = last_quarter_rise(curves, sweep.baseline if sweep else None)
+    if plateau:
+        header.append(render.plateau_text(plateau))
     text = render.markdown(sections, splits, baseline, header, powers, missing, render.legend(n_boot, seed, splits))
     if best is not None and baseline is not None:
         ours = {name: {s: sweep.mean(v, "miou", s) for s in splits}
@@ -192,6 +205,7 @@ def build_report(tracking_uri: str, parent_run_id: str, out: Path, n_boot: int =
     long = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=LONG_COLUMNS)
     _write(out / "ablation.csv", long.to_csv(index=False))
     metrics = summary_metrics(sweep, best, len(trials), len(missing), powers.get(SELECT_SPLIT))
+    metrics["baseline_val_last_quarter_rise"] = plateau.get("rise")
     metrics["figures"] = len(figures)
     _write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 

@@ -167,6 +167,14 @@ def seed_note(table: pd.DataFrame) -> str | None:
             "and no delta is marked. Run >= 2 seeds (`sweep.seeds`) for intervals over seeds and images.")
 
 
+def plateau_text(plateau: dict) -> str:
+    """Whether the baseline had stopped improving (the budget's own check; < 0.5 points: plateaued)."""
+    rise = 100 * plateau["rise"]
+    verdict = "plateaued" if rise < 0.5 else "still rising: a longer budget would change the baseline"
+    return (f"Baseline convergence: its per-epoch val mIoU rose {rise:+.2f} points over the last quarter of its "
+            f"{plateau['epochs']} epochs (mean over {plateau['n_seeds']} seeds): {verdict}.")
+
+
 def power_text(power: dict, split: str) -> str:
     """The line under a table: what this number of seeds could have detected."""
     if not power:

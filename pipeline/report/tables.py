@@ -277,3 +277,19 @@ def power(sweep: Sweep, split: str) -> dict:
     if n >= 2 and np.isfinite(sd_delta):
         result |= power_line(sd_delta, n)
     return result
+
+
+def last_quarter_rise(curves: pd.DataFrame, variant: Variant | None) -> dict:
+    """How much a variant's per-epoch val mIoU still rose over the last quarter of its epochs
+    (last value minus the value a quarter of the epochs earlier), mean over seeds: < 0.5 points
+    is the spec's "plateaued". Empty without a curve of at least 2 epochs."""
+    if variant is None or curves.empty:
+        return {}
+    rises = []
+    for run_id in variant.trials["run_id"]:
+        values = curves[curves["run_id"] == run_id].sort_values("step")["value"].to_numpy()
+        if len(values) >= 2:
+            rises.append(float(values[-1] - values[-1 - max(1, len(values) // 4)]))
+    if not rises:
+        return {}
+    return {"rise": float(np.mean(rises)), "n_seeds": len(rises), "epochs": len(values)}
