@@ -175,6 +175,9 @@ class OptimConfig(_Strict):
     backbone_lr: float = Field(default=1e-5, ge=0.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     epochs: int = Field(default=50, ge=1)
+    # step: x gamma after each milestone epoch (CRIS); cosine: from lr to 0 over the epochs, set per
+    # epoch (milestones and gamma unused), for short budgets whose last epochs should settle.
+    schedule: Literal["step", "cosine"] = "step"
     milestones: list[int] = Field(default_factory=lambda: [35])
     gamma: float = Field(default=0.1, gt=0.0)
     batch_size: int = Field(default=64, ge=1)  # the global batch: all processes, all micro-batches

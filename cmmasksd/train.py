@@ -106,6 +106,14 @@ def build_optimizer(model: CMMaskSD, config: TrainConfig) -> torch.optim.Optimiz
     return cls(groups, weight_decay=opt.weight_decay, fused=fused)
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning rate per epoch (stepped once after each): `optim.schedule`."""
+    opt = config.optim
+    if opt.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=opt.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, opt.milestones, opt.gamma)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -143,7 +151,7 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochReport], None] | None = 
     model = create_model(config.model, config.masksd, compare_frozen=config.run.compare_frozen).to(device)
     model.set_grad_checkpointing(config.run.grad_checkpointing)
     optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.optim.milestones, config.optim.gamma)
+    scheduler = build_scheduler(optimizer, config)
     amp = identity["runtime"]["precision"] == "bf16"
     if amp:
         model = model.to(memory_format=torch.channels_last)  # the layout oneDNN / cuDNN run bf16 convs in

@@ -27,7 +27,8 @@ from PIL import Image
 from cmmasksd.config import MaskSDConfig
 from cmmasksd.metrics import summarize
 from cmmasksd.stats import compare_tables
-from pipeline.report import main, next_steps, published_table
+from pipeline.contract import MASK
+from pipeline.report import main, mask_ratios, next_steps, published_table
 from pipeline.report.figures import heatmap_values
 from pipeline.report.load import load_trials
 from pipeline.report.tables import Sweep, axis_sections
@@ -436,6 +437,21 @@ def test_list_valued_overrides_make_their_own_table_rows():
     rows = section.table[section.table["metric"] == "miou"]
     assert dict(zip(rows["row"], rows["variant"])) == {"[5]": "cris", "[3]": "cris optim.milestones=[3]"}
     assert rows.set_index("row").loc["[3]", "delta"] == pytest.approx(0.02)
+
+
+def test_the_default_arm_is_cmmasksd_at_its_own_recipe_and_its_mask_ratios_are_reported():
+    """The default sweep's CM-MaskSD arm carries its learning rate (`optim.*`); random masks or another
+    mask ratio are not the default arm. Its masks' coverage over chance feeds metrics.json."""
+    arms = [("cris", {"masksd.branches": "none"}),
+            ("both random", {"masksd.branches": "both", "masksd.strategy": "random", "optim.lr": 0.004}),
+            ("both", {"masksd.branches": "both", "optim.lr": 0.004, "optim.backbone_lr": 0.0004})]
+    trials = pd.DataFrame([{"run_id": name, "variant": name, "variant_key": json.dumps(o, sort_keys=True),
+                            "overrides": o, "seed": 0, "final/val/miou": 0.3,
+                            f"{MASK}lmvsd_coverage": 0.3, f"{MASK}lmvsd_coverage_chance": 0.2,
+                            f"{MASK}vmlsd_hit": 0.5, f"{MASK}vmlsd_chance": 0.4} for name, o in arms])
+    sweep = Sweep(trials, n_boot=10)
+    assert sweep.default_arm().name == "both"
+    assert mask_ratios(sweep.default_arm()) == pytest.approx({"mask_coverage_ratio": 1.5, "word_hit_ratio": 1.25})
 
 
 def test_next_steps_link_a_tracking_server_without_its_credentials(tmp_path):

@@ -145,6 +145,14 @@ def test_epoch_val_reads_a_subset_and_the_selected_weights_every_expression(tiny
     assert len(result.per_expression["val"].read_text().splitlines()) == 1 + 8
 
 
+@pytest.mark.parametrize("schedule, factors", [("step", [1.0, 1.0, 0.1]),  # debug: milestone 2, gamma 0.1
+                                                  ("cosine", [1.0, 0.75, 0.25])])  # (1 + cos(pi e / 3)) / 2
+def test_learning_rate_per_epoch_follows_the_schedule(tiny_config, schedule, factors):
+    config = build_config(tiny_config(**ONE_STEP, optim__schedule=schedule))
+    history = train(config).history
+    assert [h["lr"] for h in history] == pytest.approx([config.optim.lr * f for f in factors])
+
+
 @pytest.mark.slow
 def test_train_writes_results_tables_and_figures(tiny_config, prepared_root, tmp_path):
     config = build_config(tiny_config(tmp_path / "run"))

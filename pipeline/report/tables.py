@@ -91,9 +91,10 @@ class Sweep:
 
     def default_arm(self) -> Variant | None:
         """The CM-MaskSD arm as the base config defines it: the variant that overrides nothing but
-        `masksd.branches`, to a branch that masks (the default sweep's `both`)."""
+        `masksd.branches`, to a branch that masks, and its own recipe (`optim.*`): the default sweep's
+        `both` at CM-MaskSD's learning rate."""
         for variant in self.variants.values():
-            rest = {k: v for k, v in variant.overrides.items() if k != "masksd.branches"}
+            rest = {k: v for k, v in variant.overrides.items() if k != "masksd.branches" and not k.startswith("optim.")}
             if not rest and variant.overrides.get("masksd.branches", "both") != "none":
                 return variant
         return None
