@@ -112,7 +112,10 @@ def test_sweep_plan_costs_every_variant_and_the_seeds_a_delta_needs(prepared_roo
     params = load_params()
     result = sweep_plan(params, gpu_memory_gb=80, mfu=0.3, seed_std=0.02, target_delta=0.01)
     sweep = params.need("sweep")
-    assert set(result["variants"]) >= {"cris", "both"} and result["seeds"] == len(sweep.seeds)
+    from pipeline.sweep import expand_grid
+
+    names = {trial.name for trial in expand_grid(sweep)}  # every arm of params.yaml, CRIS included
+    assert set(result["variants"]) == names and "cris" in names and result["seeds"] == len(sweep.seeds)
     assert result["trials"] == len(result["variants"]) * len(sweep.seeds)
     per_trial = sum(v["gpu_hours"]["H100"] for v in result["variants"].values())
     assert result["gpu_hours"]["H100"] == pytest.approx(per_trial * len(sweep.seeds), abs=0.05)
