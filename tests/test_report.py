@@ -28,7 +28,7 @@ from cmmasksd.config import MaskSDConfig
 from cmmasksd.metrics import summarize
 from cmmasksd.stats import compare_tables
 from pipeline.contract import MASK
-from pipeline.report import main, mask_ratios, next_steps, published_table
+from pipeline.report import curve_labels, main, mask_ratios, next_steps, published_table
 from pipeline.report.figures import heatmap_values
 from pipeline.report.load import load_trials
 from pipeline.report.tables import Sweep, axis_sections
@@ -452,6 +452,19 @@ def test_the_default_arm_is_cmmasksd_at_its_own_recipe_and_its_mask_ratios_are_r
     sweep = Sweep(trials, n_boot=10)
     assert sweep.default_arm().name == "both"
     assert mask_ratios(sweep.default_arm()) == pytest.approx({"mask_coverage_ratio": 1.5, "word_hit_ratio": 1.25})
+
+
+def test_learning_curves_name_every_arm_when_no_branch_table_does():
+    """The default's arms differ in more than the branch (each at its own learning rate): no branch
+    table, so every variant gets its own coloured, labelled curve, CRIS as the baseline."""
+    arms = [("cris", {"masksd.branches": "none"}), ("maskris", {"masksd.recipe": "maskris"}),
+            ("both lr", {"masksd.branches": "both", "optim.lr": 0.004})]
+    trials = pd.DataFrame([{"run_id": name, "variant": name, "variant_key": json.dumps(o, sort_keys=True),
+                            "overrides": o, "seed": 0, "final/val/miou": 0.3} for name, o in arms])
+    sweep = Sweep(trials, n_boot=10)
+    sections = axis_sections(sweep)
+    assert not any(s.name == "branches" for s in sections)
+    assert curve_labels(sections, sweep) == {"cris": "CRIS baseline", "maskris": "maskris", "both lr": "both lr"}
 
 
 def test_next_steps_link_a_tracking_server_without_its_credentials(tmp_path):

@@ -48,6 +48,7 @@ from pipeline.report.figures import plot_heatmap, plot_learning_curves, replaced
 from pipeline.report.kinds import kinds_section
 from pipeline.report.load import download_overlay, load_curves, load_trials, missing_trials
 from pipeline.report.tables import (
+    BRANCH_ROWS,
     LONG_COLUMNS,
     Section,
     Sweep,
@@ -125,6 +126,21 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+MAX_LABELLED_CURVES = 8  # more lines in colour than this cannot be told apart
+
+
+def curve_labels(sections: list[Section], sweep: Sweep | None) -> dict[str, str]:
+    """{variant: legend row} of the learning curves drawn in colour: the branch table's rows; without
+    one (arms that differ in more than the branch, as the default's, each at its own learning rate)
+    every variant, the baseline as CRIS, when there are few enough to tell apart."""
+    branches = next((s for s in sections if s.name == "branches"), None)
+    if branches is not None:
+        return dict(zip(branches.table["variant"], branches.table["row"]))
+    if sweep is None or len(sweep.variants) > MAX_LABELLED_CURVES:
+        return {}
+    return {v.name: BRANCH_ROWS["none"] if v is sweep.baseline else v.name for v in sweep.variants.values()}
+
+
 def write_figures(out: Path, sections: list[Section], sweep: Sweep | None, best, client, curves: pd.DataFrame,
                   trials: pd.DataFrame) -> list[str]:
     """Every figure this sweep can draw, into `out/figures/` (replaced whole); their names."""
@@ -133,8 +149,7 @@ def write_figures(out: Path, sections: list[Section], sweep: Sweep | None, best,
             if len(section.axes) == 2 and not section.table.empty:
                 title = f"{section.name.replace('_', '-')} grid"
                 plot_heatmap(section, folder / Path(heatmap_file(section.name)).name, title)
-        branches = next((s for s in sections if s.name == "branches"), None)
-        highlight = {} if branches is None else dict(zip(branches.table["variant"], branches.table["row"]))
+        highlight = curve_labels(sections, sweep)
         if not curves.empty:
             plot_learning_curves(curves, trials, highlight, folder / "learning_curves.png")
         write_curve_files(curves, trials, out / "curves")

@@ -87,7 +87,7 @@ def plot_learning_curves(curves: pd.DataFrame, trials: pd.DataFrame, highlight: 
         if variant in mean.index.unique("variant"):
             ax.plot(mean[variant].index, mean[variant].to_numpy(), marker="o", linewidth=2,
                     **({"color": "black", "linestyle": "--"} if row == BRANCH_ROWS["none"] else {}),
-                    label=f"{row}: {variant}")
+                    label=variant if row == variant else f"{row}: {variant}")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val mIoU (%)")
