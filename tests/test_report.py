@@ -29,7 +29,7 @@ from cmmasksd.metrics import summarize
 from cmmasksd.stats import compare_tables
 from pipeline.contract import MASK
 from pipeline.report import curve_labels, main, mask_ratios, next_steps, published_table
-from pipeline.report.figures import heatmap_values
+from pipeline.report.figures import heatmap_title, heatmap_values
 from pipeline.report.load import load_trials
 from pipeline.report.tables import Sweep, axis_sections
 
@@ -465,6 +465,14 @@ def test_learning_curves_name_every_arm_when_no_branch_table_does():
     sections = axis_sections(sweep)
     assert not any(s.name == "branches" for s in sections)
     assert curve_labels(sections, sweep) == {"cris": "CRIS baseline", "maskris": "maskris", "both lr": "both lr"}
+
+
+def test_a_heatmap_title_holding_several_overrides_fixed_wraps_to_the_figure():
+    fixed = {"masksd.branches": "both", "optim.backbone_lr": 0.0004, "optim.lr": 0.004}
+    title = heatmap_title("mask-ratio-v-lambda-v grid", fixed)
+    assert max(len(line) for line in title.splitlines()) <= 60 and len(title.splitlines()) >= 2
+    assert " ".join(title.split()) == ("mask-ratio-v-lambda-v grid: val mIoU (masksd.branches=both, "
+                                       "optim.backbone_lr=0.0004, optim.lr=0.004) (★ best)")
 
 
 def test_next_steps_link_a_tracking_server_without_its_credentials(tmp_path):

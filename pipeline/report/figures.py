@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from pipeline.report.render import AXIS_NAMES
 from pipeline.report.tables import BRANCH_ROWS, Section
 
 HEATMAP_CMAP = "viridis"
+TITLE_WIDTH = 60  # characters per title line at the heatmap's 5.5 in
 
 
 @contextlib.contextmanager
@@ -70,9 +72,15 @@ def plot_heatmap(section: Section, path: Path, title: str) -> None:
                     color="black" if image.norm(mean.loc[r, c]) > 0.6 else "white")
             if is_best:
                 ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
-    fixed = f" ({', '.join(f'{k}={v}' for k, v in section.fixed.items())})" if section.fixed else ""
-    ax.set_title(f"{title}: val mIoU{fixed} (★ best)", fontsize="medium")
+    ax.set_title(heatmap_title(title, section.fixed), fontsize="medium")
     fig.savefig(path, dpi=120)
+
+
+def heatmap_title(title: str, fixed: dict) -> str:
+    """The grid, what it holds fixed and the marker's meaning, wrapped to the figure's width (a grid
+    fixing several overrides would otherwise run off it)."""
+    held = f" ({', '.join(f'{k}={v}' for k, v in fixed.items())})" if fixed else ""
+    return textwrap.fill(f"{title}: val mIoU{held} (★ best)", width=TITLE_WIDTH)
 
 
 def plot_learning_curves(curves: pd.DataFrame, trials: pd.DataFrame, highlight: dict[str, str], path: Path) -> None:
