@@ -12,7 +12,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from cmmasksd.config import TrainConfig, one_line
+from cmmasksd.config import TrainConfig
+from cmmasksd.errors import one_line
 
 
 def _parse_overrides(pairs: list[str]) -> dict:

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from cmmasksd.config import TrainConfig, format_validation_error
+from cmmasksd.config import TrainConfig
+from cmmasksd.errors import format_validation_error
 from cmmasksd.data import clip_tokenizer, letterbox_image, unletterbox
 from cmmasksd.evaluate import upsampled_probabilities
 from cmmasksd.io.checkpoint import CheckpointError, first_sentence, read_checkpoint, weights_mismatch

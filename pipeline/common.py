@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import yaml
 
-from cmmasksd.config import one_line
+from cmmasksd.errors import one_line
 
 if TYPE_CHECKING:
     from pipeline.params_schema import Params

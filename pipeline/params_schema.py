@@ -31,9 +31,9 @@ from cmmasksd.config import (
     apply_overrides,
     build_config,
     deep_merge,
-    format_validation_error,
     read_profile,
 )
+from cmmasksd.errors import format_validation_error
 from cmmasksd.catalogue import DATASETS as REAL_DATASETS
 from cmmasksd.catalogue import SOURCES, get_source
 from cmmasksd.data.refshapes import RefShapesConfig
