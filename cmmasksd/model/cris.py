@@ -200,6 +200,7 @@ class CRIS(nn.Module):
         purpose: CRIS's pool residual (`connect`) sits inside its backbone and so trains at the
         backbone rate although it starts from random weights; ours is a new layer at `lr`.
         """
-        backbone = [p for p in self.backbone.clip_parameters() if p.requires_grad]  # not a frozen embedding
-        ids = {id(p) for p in self.backbone.clip_parameters()}
+        clip = list(self.backbone.clip_parameters())
+        ids = {id(p) for p in clip}
+        backbone = [p for p in clip if p.requires_grad]  # not a frozen token embedding
         return backbone, [p for p in self.parameters() if id(p) not in ids]

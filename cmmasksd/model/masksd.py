@@ -64,7 +64,6 @@ allows at this ratio. `attention` keeps the plain reading for comparison.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
